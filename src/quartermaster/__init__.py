@@ -1,0 +1,1 @@
+"""Quartermaster: GraphQL API for a B2B back office."""

@@ -1,0 +1,227 @@
+"""The ``quartermaster`` command: dev | serve | migrate | seed | export-schema."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import click
+
+from quartermaster.config import Settings
+
+FIRST_QUERY = """\
+{ orders(first: 5) { edges { node { number status total customer { name }
+  lines { quantity product { sku name } } } } } }"""
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _require_database(settings: Settings) -> str:
+    if not settings.database.url:
+        raise click.ClickException(
+            "QM_DATABASE_URL is not set. Use `quartermaster dev` for a self-contained demo, "
+            "or point QM_DATABASE_URL at PostgreSQL."
+        )
+    return settings.database.url
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="quartermaster")
+def main() -> None:
+    """Quartermaster: GraphQL API for a B2B back office."""
+
+
+@main.command()
+def migrate() -> None:
+    """Apply database migrations (alembic upgrade head)."""
+    from quartermaster.db.migrate import upgrade
+
+    url = _require_database(_settings())
+    upgrade(url)
+    click.echo("migrations: at head")
+
+
+def _progress_printer() -> Callable[[str, int, int], None]:
+    state: dict[str, Any] = {"table": None, "bar": None, "done": 0}
+
+    def progress(table: str, done: int, total: int) -> None:
+        if state["table"] != table:
+            if state["bar"] is not None:
+                state["bar"].render_finish()
+            state["table"], state["done"] = table, 0
+            state["bar"] = click.progressbar(length=max(total, 1), label=f"{table:<18}", width=30)
+            state["bar"].render_progress()
+        bar = state["bar"]
+        bar.update(done - state["done"])
+        state["done"] = done
+        if done >= total:
+            bar.render_finish()
+            state["bar"], state["table"] = None, None
+
+    return progress
+
+
+def _run_seed(url: str, config: Any, show_progress: bool = True) -> dict[str, int]:
+    from quartermaster.db.seed import seed_database
+
+    progress = _progress_printer() if show_progress and sys.stderr.isatty() else None
+    return asyncio.run(seed_database(url, config, progress))
+
+
+@main.command()
+@click.option("--products", default=2000, show_default=True, type=click.IntRange(1))
+@click.option("--warehouses", default=5, show_default=True, type=click.IntRange(1, 999))
+@click.option("--customers", default=300, show_default=True, type=click.IntRange(1))
+@click.option("--orders", default=5000, show_default=True, type=click.IntRange(0))
+@click.option("--quotations", default=1000, show_default=True, type=click.IntRange(0))
+@click.option("--random-seed", default=42, show_default=True, type=int)
+def seed(
+    products: int, warehouses: int, customers: int, orders: int, quotations: int, random_seed: int
+) -> None:
+    """Fill an empty, migrated database with deterministic demo data."""
+    from quartermaster.db.seed import SeedConfig
+
+    url = _require_database(_settings())
+    config = SeedConfig(
+        products=products,
+        warehouses=warehouses,
+        customers=customers,
+        orders=orders,
+        quotations=quotations,
+        random_seed=random_seed,
+    )
+    try:
+        counts = _run_seed(url, config)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo("seeded: " + ", ".join(f"{table}={n}" for table, n in counts.items()))
+
+
+@main.command("export-schema")
+def export_schema() -> None:
+    """Print the GraphQL schema (SDL)."""
+    from quartermaster.api import export_sdl
+
+    click.echo(export_sdl(), nl=False)
+
+
+@main.command()
+@click.option("--host", default=None, help="Bind address [QM_HOST, 127.0.0.1]")
+@click.option("--port", default=None, type=int, help="Port [QM_PORT, 8000]")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
+def serve(host: str | None, port: int | None, workers: int) -> None:
+    """Serve the API against the configured database and Redis."""
+    import uvicorn
+
+    settings = _settings()
+    _require_database(settings)
+    uvicorn.run(
+        "quartermaster.app:create_app",
+        factory=True,
+        host=host or settings.host,
+        port=port or settings.port,
+        workers=workers,
+        log_level="warning",
+        access_log=False,
+        ws="websockets-sansio",
+    )
+
+
+@contextmanager
+def embedded_services(settings: Settings) -> Iterator[dict[str, str]]:
+    """Start embedded PostgreSQL/Redis for whatever is not configured; stop them on exit."""
+    from quartermaster.embedded import start_postgres, start_redis
+
+    overrides: dict[str, str] = {}
+    with ExitStack() as stack:
+        if not settings.database.url:
+            click.echo(f"starting embedded PostgreSQL in {settings.data_dir / 'postgres'} ...")
+            pg = start_postgres(settings.data_dir)
+            stack.callback(pg.stop)
+            overrides["QM_DATABASE_URL"] = pg.url
+        if not settings.redis.url:
+            click.echo(f"starting embedded Redis in {settings.data_dir / 'redis'} ...")
+            redis = start_redis(settings.data_dir)
+            stack.callback(redis.stop)
+            overrides["QM_REDIS_URL"] = redis.url
+        yield overrides
+
+
+async def _has_products(url: str) -> bool:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return bool(
+                (await conn.execute(text("SELECT EXISTS (SELECT 1 FROM products)"))).scalar()
+            )
+    finally:
+        await engine.dispose()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--reseed", is_flag=True, help="Seed even if the database already has data.")
+def dev(host: str, port: int, reseed: bool) -> None:
+    """One-command demo: embedded PostgreSQL + Redis, migrations, demo data, GraphiQL."""
+    import uvicorn
+
+    from quartermaster.db.migrate import upgrade
+    from quartermaster.db.seed import SeedConfig
+    from quartermaster.observability import configure_logging
+
+    os.environ.setdefault("QM_LOG_JSON", "false")
+    settings = _settings()
+    configure_logging(settings.log_level, settings.log_json)
+    with embedded_services(settings) as overrides:
+        os.environ.update(overrides)
+        settings = _settings()
+        url = _require_database(settings)
+        click.echo("migrating ...")
+        upgrade(url)
+        if reseed or not asyncio.run(_has_products(url)):
+            click.echo("seeding the demo data set (once) ...")
+            counts = _run_seed(url, SeedConfig())
+            click.echo("seeded: " + ", ".join(f"{t}={n}" for t, n in counts.items()))
+        from quartermaster.app import create_app
+
+        app = create_app(settings)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, ws="websockets-sansio"
+        )
+        server = uvicorn.Server(config)
+        click.secho(f"\n  Quartermaster is running: http://{host}:{port}/graphql\n", bold=True)
+        click.echo("  Paste this into GraphiQL to start:\n")
+        click.echo("    " + FIRST_QUERY.replace("\n", "\n    ") + "\n")
+        click.echo("  Ctrl-C stops the server and everything it started.\n")
+        # uvicorn re-raises the Ctrl-C it handled; the embedded services stop below.
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run()
+        # A second Ctrl-C must not cut the clean shutdown of PostgreSQL and Redis short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        click.echo("stopping embedded services ...")
+    click.echo("stopped.")
+
+
+def _ignore_sigpipe() -> None:
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _ignore_sigpipe()
+    main()

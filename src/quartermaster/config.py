@@ -1,0 +1,215 @@
+"""Settings, one small frozen object per concern, read from ``QM_*`` environment variables.
+
+Every variable is listed in the README's configuration table; ``tests/test_config.py`` keeps the
+two in step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _int(name: str, default: int) -> int:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _float(name: str, default: float) -> float:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = _env(name)
+    if raw is None:
+        return default
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be a boolean (true/false), got {raw!r}")
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept plain ``postgresql://`` URLs and point them at the asyncpg driver."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    return url
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str | None
+    replica_url: str | None
+    pool_size: int = 20
+    max_overflow: int = 10
+    pool_timeout: float = 10.0
+    statement_timeout_ms: int = 15_000
+    pre_ping: bool = False
+    pool_recycle_s: int = 1800
+
+    @classmethod
+    def from_env(cls) -> DatabaseSettings:
+        url = _env("QM_DATABASE_URL")
+        replica = _env("QM_REPLICA_DATABASE_URL")
+        return cls(
+            url=normalize_database_url(url) if url else None,
+            replica_url=normalize_database_url(replica) if replica else None,
+            pool_size=_int("QM_DB_POOL_SIZE", 20),
+            max_overflow=_int("QM_DB_MAX_OVERFLOW", 10),
+            pool_timeout=_float("QM_DB_POOL_TIMEOUT", 10.0),
+            statement_timeout_ms=_int("QM_DB_STATEMENT_TIMEOUT_MS", 15_000),
+            pre_ping=_bool("QM_DB_PRE_PING", False),
+            pool_recycle_s=_int("QM_DB_POOL_RECYCLE", 1800),
+        )
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str | None
+
+    @classmethod
+    def from_env(cls) -> RedisSettings:
+        return cls(url=_env("QM_REDIS_URL"))
+
+
+@dataclass(frozen=True)
+class GraphQLSettings:
+    """Protection limits and developer conveniences of the /graphql endpoint."""
+
+    max_depth: int = 12
+    max_aliases: int = 30
+    max_tokens: int = 5_000
+    max_body_bytes: int = 1_000_000
+    introspection: bool = True
+    field_suggestions: bool = True
+    graphiql: bool = True
+    dataloaders: bool = True
+    default_page_size: int = 20
+    max_page_size: int = 100
+
+    @classmethod
+    def from_env(cls, production: bool) -> GraphQLSettings:
+        return cls(
+            max_depth=_int("QM_MAX_QUERY_DEPTH", 12),
+            max_aliases=_int("QM_MAX_ALIASES", 30),
+            max_tokens=_int("QM_MAX_TOKENS", 5_000),
+            max_body_bytes=_int("QM_MAX_BODY_BYTES", 1_000_000),
+            introspection=_bool("QM_INTROSPECTION", not production),
+            field_suggestions=_bool("QM_FIELD_SUGGESTIONS", not production),
+            graphiql=_bool("QM_GRAPHIQL", not production),
+            dataloaders=_bool("QM_DATALOADERS", True),
+        )
+
+
+@dataclass(frozen=True)
+class PricingSettings:
+    """Tier discounts in percent; the write path uses them."""
+
+    tier_discounts: dict[str, Decimal] = field(
+        default_factory=lambda: {
+            "STANDARD": Decimal("0"),
+            "SILVER": Decimal("3"),
+            "GOLD": Decimal("5"),
+            "PLATINUM": Decimal("8"),
+        }
+    )
+
+    @classmethod
+    def from_env(cls) -> PricingSettings:
+        raw = _env("QM_TIER_DISCOUNTS")
+        if raw is None:
+            return cls()
+        discounts: dict[str, Decimal] = {}
+        for part in raw.split(","):
+            tier, _, pct = part.partition("=")
+            discounts[tier.strip().upper()] = Decimal(pct.strip())
+        return cls(tier_discounts={**cls().tier_discounts, **discounts})
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: str
+    host: str
+    port: int
+    log_level: str
+    log_json: bool
+    data_dir: Path
+    database: DatabaseSettings
+    redis: RedisSettings
+    graphql: GraphQLSettings
+    pricing: PricingSettings
+
+    @property
+    def production(self) -> bool:
+        return self.env == "production"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = (_env("QM_ENV", "development") or "development").lower()
+        if env not in ("development", "production", "test"):
+            raise ValueError(f"QM_ENV must be development, production or test, got {env!r}")
+        production = env == "production"
+        return cls(
+            env=env,
+            host=_env("QM_HOST", "127.0.0.1") or "127.0.0.1",
+            port=_int("QM_PORT", 8000),
+            log_level=(_env("QM_LOG_LEVEL", "info") or "info").lower(),
+            log_json=_bool("QM_LOG_JSON", True),
+            data_dir=Path(_env("QM_DATA_DIR", ".qm-data") or ".qm-data").resolve(),
+            database=DatabaseSettings.from_env(),
+            redis=RedisSettings.from_env(),
+            graphql=GraphQLSettings.from_env(production),
+            pricing=PricingSettings.from_env(),
+        )
+
+
+#: Every environment variable Quartermaster reads (the README table lists the same names).
+ENV_VARS = (
+    "QM_ENV",
+    "QM_HOST",
+    "QM_PORT",
+    "QM_LOG_LEVEL",
+    "QM_LOG_JSON",
+    "QM_DATA_DIR",
+    "QM_DATABASE_URL",
+    "QM_REPLICA_DATABASE_URL",
+    "QM_DB_POOL_SIZE",
+    "QM_DB_MAX_OVERFLOW",
+    "QM_DB_POOL_TIMEOUT",
+    "QM_DB_STATEMENT_TIMEOUT_MS",
+    "QM_DB_PRE_PING",
+    "QM_DB_POOL_RECYCLE",
+    "QM_REDIS_URL",
+    "QM_MAX_QUERY_DEPTH",
+    "QM_MAX_ALIASES",
+    "QM_MAX_TOKENS",
+    "QM_MAX_BODY_BYTES",
+    "QM_INTROSPECTION",
+    "QM_FIELD_SUGGESTIONS",
+    "QM_GRAPHIQL",
+    "QM_DATALOADERS",
+    "QM_TIER_DISCOUNTS",
+    "QM_TEST_DATABASE_URL",
+    "QM_TEST_REDIS_URL",
+)

@@ -1,0 +1,1 @@
+"""Thin root fields per domain; ``api.py`` merges them into the Query/Mutation roots."""

@@ -1,0 +1,113 @@
+"""Schema extensions: database routing, error codes and masking, per-operation metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import structlog
+from graphql import GraphQLError, GraphQLSyntaxError
+from strawberry.extensions import SchemaExtension
+from strawberry.types.graphql import OperationType
+
+from quartermaster.errors import ApiError
+
+log = structlog.get_logger("quartermaster.graphql")
+
+
+def normalize_error(error: GraphQLError, request_id: str | None) -> GraphQLError:
+    """Give every error an ``extensions.code``; mask unexpected resolver exceptions."""
+    original = error.original_error
+    extensions = dict(error.extensions or {})
+    if isinstance(original, ApiError):
+        extensions = {**original.extensions, **extensions}
+        error.extensions = extensions
+        return error
+    if "code" in extensions:
+        return error
+    if isinstance(error, GraphQLSyntaxError):
+        extensions["code"] = "GRAPHQL_PARSE_FAILED"
+    elif error.path is None:
+        # Validation and variable coercion: the request itself is wrong.
+        extensions["code"] = (
+            "BAD_USER_INPUT" if original is not None else "GRAPHQL_VALIDATION_FAILED"
+        )
+    elif original is None or isinstance(original, GraphQLError):
+        extensions["code"] = "BAD_USER_INPUT"
+    elif _is_data_exception(original):
+        return GraphQLError(
+            "An argument holds a value the database cannot take (e.g. a NUL character).",
+            nodes=error.nodes,
+            path=error.path,
+            extensions={"code": "BAD_USER_INPUT"},
+        )
+    else:
+        log.error(
+            "graphql.unexpected_error",
+            path=".".join(str(p) for p in error.path),
+            exc_info=original,
+        )
+        return GraphQLError(
+            "Internal server error",
+            nodes=error.nodes,
+            path=error.path,
+            extensions={"code": "INTERNAL_SERVER_ERROR", "requestId": request_id},
+        )
+    error.extensions = extensions
+    return error
+
+
+def _is_data_exception(exc: BaseException) -> bool:
+    """PostgreSQL SQLSTATE class 22 (data exception): the client sent a value it cannot store."""
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate.startswith("22")
+
+
+def _request_id(context: Any) -> str | None:
+    return getattr(context, "request_id", None)
+
+
+class ErrorCodes(SchemaExtension):
+    def _fix(self, result: Any) -> None:
+        errors = getattr(result, "errors", None)
+        if errors:
+            rid = _request_id(self.execution_context.context)
+            result.errors = [normalize_error(e, rid) for e in errors]
+
+    def on_operation(self) -> Iterator[None]:
+        yield
+        self._fix(self.execution_context.result)
+
+
+class DatabaseRouting(SchemaExtension):
+    """Mutations (and every field of their payloads) read from the primary."""
+
+    def on_execute(self) -> Iterator[None]:
+        context = self.execution_context.context
+        if self.execution_context.operation_type is OperationType.MUTATION and hasattr(
+            context, "use_primary"
+        ):
+            context.use_primary()
+        yield
+
+
+class OperationMetrics(SchemaExtension):
+    def on_operation(self) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        context = self.execution_context.context
+        metrics = getattr(context, "metrics", None)
+        if metrics is None:
+            return
+        try:
+            op_type = self.execution_context.operation_type.value
+        except RuntimeError:
+            op_type = "unknown"
+        except Exception:
+            op_type = "unknown"
+        result = self.execution_context.result
+        outcome = "error" if getattr(result, "errors", None) else "ok"
+        metrics.observe_operation(
+            self.execution_context.operation_name, op_type, outcome, time.perf_counter() - started
+        )

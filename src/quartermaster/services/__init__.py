@@ -1,0 +1,1 @@
+"""Domain operations. No strawberry, no starlette; the caller owns the transaction."""

@@ -1,0 +1,101 @@
+"""`quartermaster dev` on a machine with nothing running: embedded servers, seed once, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.servers import free_port
+
+
+def _start(data_dir: Path, port: int) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QM_")}
+    env.update({"QM_DATA_DIR": str(data_dir), "QM_LOG_LEVEL": "warning"})
+    return subprocess.Popen(
+        [sys.executable, "-m", "quartermaster.cli", "dev", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for_url(process: subprocess.Popen[str], timeout: float = 120) -> tuple[str, str]:
+    assert process.stdout is not None
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            if process.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        match = re.search(r"(http://127\.0\.0\.1:\d+/graphql)", line)
+        if match:
+            return match.group(1), "".join(seen)
+    raise AssertionError("dev did not print its URL:\n" + "".join(seen))
+
+
+def _stop(process: subprocess.Popen[str]) -> str:
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=30)
+    return out
+
+
+def _postgres_running(data_dir: Path) -> bool:
+    pid_file = data_dir / "postgres" / "postmaster.pid"
+    if not pid_file.exists():
+        return False
+    pid = int(pid_file.read_text().split()[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_dev_starts_everything_seeds_once_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    data_dir = tmp_path / "qm-data"
+    port = free_port()
+    process = _start(data_dir, port)
+    try:
+        url, output = _wait_for_url(process)
+        assert url == f"http://127.0.0.1:{port}/graphql"
+        assert "seeding" in output
+        query = (
+            "{ orders(first: 2) { totalCount edges { node { number } } } products { totalCount } }"
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                response = httpx.post(url, json={"query": query}, timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        data = response.json()["data"]
+        assert data["orders"]["totalCount"] == 5000
+        assert data["products"]["totalCount"] == 2000
+        graphiql = httpx.get(url, headers={"accept": "text/html"}, timeout=5)
+        assert "graphiql" in graphiql.text.lower()
+    finally:
+        output = _stop(process)
+    assert process.returncode == 0, output
+    assert not _postgres_running(data_dir), output
+
+    # A second start keeps the data and does not seed again.
+    process = _start(data_dir, port)
+    try:
+        _, output = _wait_for_url(process)
+        assert "seeding" not in output
+    finally:
+        _stop(process)
+    assert not _postgres_running(data_dir)
