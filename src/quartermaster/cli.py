@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sys
@@ -172,6 +171,36 @@ async def _has_products(url: str) -> bool:
         await engine.dispose()
 
 
+def _quiet_server(config: Any, announce: Callable[[], None]) -> Any:
+    """A uvicorn server whose signals are handled by `dev` itself (see `request_exit`),
+    and which announces itself only once its socket is listening."""
+    import uvicorn
+
+    class QuietServer(uvicorn.Server):
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and not self.should_exit:
+                announce()
+
+        def request_exit(self, signum: int, frame: object) -> None:
+            if self.should_exit:
+                self.force_exit = True
+            self.should_exit = True
+
+    return QuietServer(config)
+
+
+def _announce(host: str, port: int) -> None:
+    click.secho(f"\n  Quartermaster is running: http://{host}:{port}/graphql\n", bold=True)
+    click.echo("  Paste this into GraphiQL to start:\n")
+    click.echo("    " + FIRST_QUERY.replace("\n", "\n    ") + "\n")
+    click.echo("  Ctrl-C stops the server and everything it started.\n")
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -184,6 +213,8 @@ def dev(host: str, port: int, reseed: bool) -> None:
     from quartermaster.db.seed import SeedConfig
     from quartermaster.observability import configure_logging
 
+    # Until the server takes over, SIGTERM stops like Ctrl-C: embedded services are cleaned up.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     os.environ.setdefault("QM_LOG_JSON", "false")
     settings = _settings()
     configure_logging(settings.log_level, settings.log_json)
@@ -203,14 +234,12 @@ def dev(host: str, port: int, reseed: bool) -> None:
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", access_log=False, ws="websockets-sansio"
         )
-        server = uvicorn.Server(config)
-        click.secho(f"\n  Quartermaster is running: http://{host}:{port}/graphql\n", bold=True)
-        click.echo("  Paste this into GraphiQL to start:\n")
-        click.echo("    " + FIRST_QUERY.replace("\n", "\n    ") + "\n")
-        click.echo("  Ctrl-C stops the server and everything it started.\n")
-        # uvicorn re-raises the Ctrl-C it handled; the embedded services stop below.
-        with contextlib.suppress(KeyboardInterrupt):
-            server.run()
+        server = _quiet_server(config, lambda: _announce(host, port))
+        # Our handler is in place before the server exists, so a Ctrl-C at any moment from
+        # here on asks for a clean stop instead of landing as KeyboardInterrupt in random code.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, server.request_exit)
+        asyncio.run(server.serve())
         # A second Ctrl-C must not cut the clean shutdown of PostgreSQL and Redis short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         click.echo("stopping embedded services ...")
