@@ -94,6 +94,44 @@ class RedisSettings:
 
 
 @dataclass(frozen=True)
+class JobSettings:
+    """The outbox relay, the job workers and the streams between them."""
+
+    relay_batch: int = 500
+    relay_poll_s: float = 0.02
+    outbox_retention_hours: float = 72.0
+    stock_events_maxlen: int = 100_000
+    max_attempts: int = 8
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 300.0
+    claim_idle_s: float = 30.0
+    concurrency: int = 16
+    breaker_threshold: int = 5
+    breaker_cooldown_s: float = 10.0
+    shutdown_grace_s: float = 10.0
+    metrics_port: int | None = None
+
+    @classmethod
+    def from_env(cls) -> JobSettings:
+        port = _env("QM_WORKER_METRICS_PORT")
+        return cls(
+            relay_batch=_int("QM_RELAY_BATCH", 500),
+            relay_poll_s=_float("QM_RELAY_POLL_S", 0.02),
+            outbox_retention_hours=_float("QM_OUTBOX_RETENTION_HOURS", 72.0),
+            stock_events_maxlen=_int("QM_STOCK_EVENTS_MAXLEN", 100_000),
+            max_attempts=_int("QM_JOB_MAX_ATTEMPTS", 8),
+            backoff_base_s=_float("QM_JOB_BACKOFF_BASE_S", 0.5),
+            backoff_max_s=_float("QM_JOB_BACKOFF_MAX_S", 300.0),
+            claim_idle_s=_float("QM_JOB_CLAIM_IDLE_S", 30.0),
+            concurrency=_int("QM_WORKER_CONCURRENCY", 16),
+            breaker_threshold=_int("QM_BREAKER_THRESHOLD", 5),
+            breaker_cooldown_s=_float("QM_BREAKER_COOLDOWN_S", 10.0),
+            shutdown_grace_s=_float("QM_WORKER_SHUTDOWN_GRACE_S", 10.0),
+            metrics_port=_int("QM_WORKER_METRICS_PORT", 0) if port else None,
+        )
+
+
+@dataclass(frozen=True)
 class GraphQLSettings:
     """Protection limits and developer conveniences of the /graphql endpoint."""
 
@@ -159,6 +197,7 @@ class Settings:
     redis: RedisSettings
     graphql: GraphQLSettings
     pricing: PricingSettings
+    jobs: JobSettings = field(default_factory=JobSettings)
 
     @property
     def production(self) -> bool:
@@ -181,6 +220,7 @@ class Settings:
             redis=RedisSettings.from_env(),
             graphql=GraphQLSettings.from_env(production),
             pricing=PricingSettings.from_env(),
+            jobs=JobSettings.from_env(),
         )
 
 
@@ -210,6 +250,19 @@ ENV_VARS = (
     "QM_GRAPHIQL",
     "QM_DATALOADERS",
     "QM_TIER_DISCOUNTS",
+    "QM_RELAY_BATCH",
+    "QM_RELAY_POLL_S",
+    "QM_OUTBOX_RETENTION_HOURS",
+    "QM_STOCK_EVENTS_MAXLEN",
+    "QM_JOB_MAX_ATTEMPTS",
+    "QM_JOB_BACKOFF_BASE_S",
+    "QM_JOB_BACKOFF_MAX_S",
+    "QM_JOB_CLAIM_IDLE_S",
+    "QM_WORKER_CONCURRENCY",
+    "QM_BREAKER_THRESHOLD",
+    "QM_BREAKER_COOLDOWN_S",
+    "QM_WORKER_SHUTDOWN_GRACE_S",
+    "QM_WORKER_METRICS_PORT",
     "QM_TEST_DATABASE_URL",
     "QM_TEST_REDIS_URL",
 )

@@ -288,6 +288,7 @@ async def _move_allocations(
                 reserved_delta=-row.quantity,
                 on_hand_after=level.on_hand - (row.quantity if shipped else 0),
                 reserved_after=level.reserved - row.quantity,
+                low_stock_threshold=level.low_stock_threshold,
                 order_id=order_id,
             )
         )

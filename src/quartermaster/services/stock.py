@@ -37,6 +37,7 @@ class LevelChange:
     reserved_delta: int
     on_hand_after: int
     reserved_after: int
+    low_stock_threshold: int
     order_id: int | None = None
 
 
@@ -83,6 +84,7 @@ async def record_changes(conn: AsyncConnection, changes: Sequence[LevelChange]) 
                     "reserved_delta": c.reserved_delta,
                     "on_hand": c.on_hand_after,
                     "reserved": c.reserved_after,
+                    "low_stock_threshold": c.low_stock_threshold,
                     "order_id": c.order_id,
                 },
             }
@@ -203,6 +205,11 @@ async def adjust_stock(
                     reserved_delta=0,
                     on_hand_after=level.on_hand + delta,
                     reserved_after=level.reserved,
+                    low_stock_threshold=(
+                        level.low_stock_threshold
+                        if low_stock_threshold is None
+                        else low_stock_threshold
+                    ),
                 )
             ],
         )

@@ -112,7 +112,8 @@ a AS (
 s AS (
   UPDATE stock_levels AS sl SET reserved = sl.reserved + x.quantity, updated_at = now()
   FROM x WHERE sl.id = x.level_id
-  RETURNING sl.id, sl.product_id, sl.warehouse_id, sl.on_hand, sl.reserved, x.quantity),
+  RETURNING sl.id, sl.product_id, sl.warehouse_id, sl.on_hand, sl.reserved,
+            sl.low_stock_threshold, x.quantity),
 m AS (
   INSERT INTO stock_movements (stock_level_id, reason, on_hand_delta, reserved_delta, order_id)
   SELECT x.level_id, 'RESERVATION', 0, x.quantity, o.id FROM o, x),
@@ -128,7 +129,8 @@ e AS (
          jsonb_build_object('stock_level_id', s.id, 'product_id', s.product_id,
                             'warehouse_id', s.warehouse_id, 'reason', 'RESERVATION',
                             'on_hand_delta', 0, 'reserved_delta', s.quantity,
-                            'on_hand', s.on_hand, 'reserved', s.reserved, 'order_id', o.id)
+                            'on_hand', s.on_hand, 'reserved', s.reserved,
+                            'low_stock_threshold', s.low_stock_threshold, 'order_id', o.id)
   FROM s, o)
 SELECT * FROM o
 """
