@@ -64,6 +64,10 @@ FORBIDDEN = {
     "services": ("strawberry", "starlette", "quartermaster.schema", "quartermaster.resolvers",
                  "quartermaster.api", "quartermaster.http"),
     "schema": ("quartermaster.resolvers", "quartermaster.api"),
+    # Partner clients know nothing of the database or GraphQL; starlette: see the test below.
+    "integrations": ("strawberry", "quartermaster.db", "quartermaster.services",
+                     "quartermaster.schema", "quartermaster.resolvers", "quartermaster.api",
+                     "quartermaster.http"),
 }  # fmt: skip
 
 
@@ -74,6 +78,16 @@ def test_imports_point_one_way(layer: str) -> None:
         for name in _imports(path):
             if name.startswith(FORBIDDEN[layer]):
                 offenders.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert offenders == []
+
+
+def test_only_the_partner_sandbox_imports_starlette() -> None:
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in (PACKAGE / "integrations").rglob("*.py")
+        if path.name != "sandbox.py"
+        and any(n.startswith(("starlette", "uvicorn")) for n in _imports(path))
+    ]
     assert offenders == []
 
 

@@ -1,4 +1,5 @@
-"""The ``quartermaster`` command: dev | serve | migrate | seed | export-schema."""
+"""The ``quartermaster`` command: dev | serve | worker | outbox | sandbox | migrate | seed |
+export-schema."""
 
 from __future__ import annotations
 
@@ -105,6 +106,113 @@ def seed(
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo("seeded: " + ", ".join(f"{table}={n}" for table, n in counts.items()))
+
+
+def _run_until_signal(main_coro: Callable[[asyncio.Event], Any]) -> None:
+    """Run ``main_coro(stop)``; SIGTERM or Ctrl-C set ``stop`` (a second Ctrl-C forces)."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main_coro(stop)
+
+    asyncio.run(runner())
+
+
+@main.command()
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 1000),
+    default=None,
+    help="Jobs run at once [QM_WORKER_CONCURRENCY, 16]",
+)
+@click.option("--only-relay", is_flag=True, help="Relay the outbox to Redis; run no jobs.")
+@click.option("--no-relay", is_flag=True, help="Run jobs only (another process relays).")
+@click.option(
+    "--metrics-port", type=int, default=None, help="Serve /metrics here [QM_WORKER_METRICS_PORT]"
+)
+def worker(
+    concurrency: int | None, only_relay: bool, no_relay: bool, metrics_port: int | None
+) -> None:
+    """Relay the outbox to Redis streams and run integration jobs until SIGTERM."""
+    from quartermaster.observability import configure_logging
+    from quartermaster.workers.runner import run_worker
+
+    if only_relay and no_relay:
+        raise click.UsageError("--only-relay and --no-relay exclude each other")
+    settings = _settings()
+    _require_database(settings)
+    if not settings.redis.url:
+        raise click.ClickException("QM_REDIS_URL is not set.")
+    configure_logging(settings.log_level, settings.log_json)
+    port = metrics_port if metrics_port is not None else settings.jobs.metrics_port
+    _run_until_signal(
+        lambda stop: run_worker(
+            settings, stop, concurrency=concurrency, relay=not no_relay, consume=not only_relay,
+            metrics_port=port,
+        )
+    )  # fmt: skip
+
+
+@main.group()
+def outbox() -> None:
+    """Outbox maintenance."""
+
+
+@outbox.command()
+@click.option(
+    "--since", required=True, type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S",
+                                                  "%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S"]),
+    help="Republish events created at or after this time (UTC unless an offset is given).",
+)  # fmt: skip
+def replay(since: Any) -> None:
+    """Publish already-published outbox rows again, e.g. after Redis lost its data.
+
+    Jobs that succeeded or are DEAD are not enqueued again; everything else is idempotent."""
+    from datetime import UTC
+
+    from redis.asyncio import Redis
+
+    from quartermaster.db.engine import Database
+    from quartermaster.workers.relay import replay as replay_outbox
+
+    settings = _settings()
+    _require_database(settings)
+    if not settings.redis.url:
+        raise click.ClickException("QM_REDIS_URL is not set.")
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+
+    async def run() -> tuple[int, int]:
+        db = Database.connect(settings.database)
+        redis = Redis.from_url(str(settings.redis.url))
+        try:
+            return await replay_outbox(db, redis, settings.jobs, since)
+        finally:
+            await redis.aclose()
+            await db.dispose()
+
+    events, jobs = asyncio.run(run())
+    click.echo(f"replayed {events} outbox events since {since.isoformat()}; {jobs} jobs enqueued")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8100, show_default=True, type=int)
+def sandbox(host: str, port: int) -> None:
+    """Run the sandbox partner (invoicing, shop, notifications) for development and tests."""
+    from quartermaster.integrations.sandbox import sandbox_server
+
+    settings = _settings()
+    secrets = {
+        "invoicing": settings.partners.invoicing.signing_secret,
+        "shop": settings.partners.shop.signing_secret,
+        "notifications": settings.partners.notifications.signing_secret,
+    }
+    click.echo(f"sandbox partner on http://{host}:{port} (control API under /_sandbox)")
+    sandbox_server(host, port, secrets=secrets).run()
 
 
 @main.command("export-schema")

@@ -161,6 +161,53 @@ class GraphQLSettings:
 
 
 @dataclass(frozen=True)
+class PartnerSettings:
+    """Where one partner API lives; no URL means the partner is not called at all."""
+
+    url: str | None = None
+    # Kept out of repr so that logging the settings never prints a credential.
+    api_key: str | None = field(default=None, repr=False)
+    signing_secret: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class PartnersSettings:
+    """The partner APIs the workers call (``integrations/``) and their shared timeouts."""
+
+    invoicing: PartnerSettings = field(default_factory=PartnerSettings)
+    shop: PartnerSettings = field(default_factory=PartnerSettings)
+    notifications: PartnerSettings = field(default_factory=PartnerSettings)
+    timeout_s: float = 5.0
+    connect_timeout_s: float = 2.0
+
+    @classmethod
+    def from_env(cls) -> PartnersSettings:
+        timeout = _float("QM_PARTNER_TIMEOUT_S", 5.0)
+        connect_timeout = _float("QM_PARTNER_CONNECT_TIMEOUT_S", 2.0)
+        if timeout <= 0 or connect_timeout <= 0:
+            raise ValueError("QM_PARTNER_TIMEOUT_S and QM_PARTNER_CONNECT_TIMEOUT_S must be > 0")
+        return cls(
+            invoicing=PartnerSettings(
+                url=_env("QM_INVOICING_URL"),
+                api_key=_env("QM_INVOICING_API_KEY"),
+                signing_secret=_env("QM_INVOICING_SIGNING_SECRET"),
+            ),
+            shop=PartnerSettings(
+                url=_env("QM_SHOP_URL"),
+                api_key=_env("QM_SHOP_API_KEY"),
+                signing_secret=_env("QM_SHOP_SIGNING_SECRET"),
+            ),
+            notifications=PartnerSettings(
+                url=_env("QM_NOTIFY_URL"),
+                api_key=_env("QM_NOTIFY_API_KEY"),
+                signing_secret=_env("QM_NOTIFY_SIGNING_SECRET"),
+            ),
+            timeout_s=timeout,
+            connect_timeout_s=connect_timeout,
+        )
+
+
+@dataclass(frozen=True)
 class PricingSettings:
     """Tier discounts in percent; the write path uses them."""
 
@@ -198,6 +245,7 @@ class Settings:
     graphql: GraphQLSettings
     pricing: PricingSettings
     jobs: JobSettings = field(default_factory=JobSettings)
+    partners: PartnersSettings = field(default_factory=PartnersSettings)
 
     @property
     def production(self) -> bool:
@@ -221,6 +269,7 @@ class Settings:
             graphql=GraphQLSettings.from_env(production),
             pricing=PricingSettings.from_env(),
             jobs=JobSettings.from_env(),
+            partners=PartnersSettings.from_env(),
         )
 
 
@@ -263,6 +312,17 @@ ENV_VARS = (
     "QM_BREAKER_COOLDOWN_S",
     "QM_WORKER_SHUTDOWN_GRACE_S",
     "QM_WORKER_METRICS_PORT",
+    "QM_INVOICING_URL",
+    "QM_INVOICING_API_KEY",
+    "QM_INVOICING_SIGNING_SECRET",
+    "QM_SHOP_URL",
+    "QM_SHOP_API_KEY",
+    "QM_SHOP_SIGNING_SECRET",
+    "QM_NOTIFY_URL",
+    "QM_NOTIFY_API_KEY",
+    "QM_NOTIFY_SIGNING_SECRET",
+    "QM_PARTNER_TIMEOUT_S",
+    "QM_PARTNER_CONNECT_TIMEOUT_S",
     "QM_TEST_DATABASE_URL",
     "QM_TEST_REDIS_URL",
 )

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -115,3 +115,89 @@ class Metrics:
         label = self._label(name)
         self.requests.labels(label, op_type, outcome).inc()
         self.latency.labels(label, op_type).observe(seconds)
+
+
+class PipelineMetrics:
+    """Gauges of the integration pipeline, refreshed from a ``PipelineSnapshot`` (taken at most
+    every few seconds, when /metrics is scraped) plus the worker's own counters."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.jobs = Gauge(
+            "qm_integration_jobs",
+            "Integration jobs by kind and status",
+            ["kind", "status"],
+            registry=registry,
+        )
+        self.outbox_unpublished = Gauge(
+            "qm_outbox_unpublished", "Outbox rows not yet relayed to Redis", registry=registry
+        )
+        self.stream_length = Gauge(
+            "qm_stream_length", "Entries in a Redis stream", ["stream"], registry=registry
+        )
+        self.pending = Gauge(
+            "qm_stream_pending",
+            "Entries delivered to a group and not acknowledged",
+            ["stream", "group"],
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "qm_stream_lag",
+            "Entries a consumer group has not read yet",
+            ["stream", "group"],
+            registry=registry,
+        )
+        self.retries = Gauge(
+            "qm_jobs_retry_scheduled", "Jobs waiting for their next attempt", registry=registry
+        )
+        self.redis_up = Gauge(
+            "qm_redis_up", "1 when Redis answered the last scrape", registry=registry
+        )
+        self.taken_at = 0.0
+
+    def update(self, snap: Any) -> None:
+        for (kind, status), n in snap.jobs.items():
+            self.jobs.labels(kind, status).set(n)
+        self.outbox_unpublished.set(snap.outbox_unpublished)
+        for stream, n in snap.stream_length.items():
+            self.stream_length.labels(stream).set(n)
+        for (stream, group), n in snap.group_pending.items():
+            self.pending.labels(stream, group).set(n)
+        for (stream, group), n in snap.group_lag.items():
+            self.lag.labels(stream, group).set(n)
+        self.retries.set(snap.retries_scheduled)
+        self.redis_up.set(1 if snap.redis_ok else 0)
+
+
+class WorkerMetrics:
+    """A worker process's registry: pipeline gauges, job outcomes, partner calls, breakers."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.pipeline = PipelineMetrics(self.registry)
+        self.jobs = Counter(
+            "qm_jobs_processed_total",
+            "Job deliveries handled, by kind and outcome",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self.partner_latency = Histogram(
+            "qm_partner_request_seconds",
+            "Partner API call latency by partner and outcome",
+            ["partner", "outcome"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.breaker = Gauge(
+            "qm_partner_breaker_state",
+            "Circuit breaker per partner: 0 closed, 1 half-open, 2 open",
+            ["partner"],
+            registry=self.registry,
+        )
+        self.relay_published = Counter(
+            "qm_relay_published_total",
+            "Outbox rows published by this process's relay",
+            registry=self.registry,
+        )
+
+    def on_partner_call(self, partner: str, seconds: float, outcome: str) -> None:
+        self.partner_latency.labels(partner, outcome).observe(seconds)

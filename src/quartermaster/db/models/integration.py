@@ -6,10 +6,20 @@ from typing import Any
 from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.types import UserDefinedType
 
 from quartermaster.enums import IntegrationKind, IntegrationStatus
 
 from .base import Base, created_at, enum_column, pk, updated_at
+
+
+class Xid8(UserDefinedType[int]):
+    """PostgreSQL's 64-bit transaction id (``pg_current_xact_id()``)."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "xid8"
 
 
 class IntegrationJob(Base):
@@ -39,6 +49,10 @@ class IntegrationJob(Base):
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     external_ref: Mapped[str | None] = mapped_column(String(200))
+    #: The outbox event that caused the job (several jobs may share one).
+    outbox_id: Mapped[int | None] = mapped_column(BigInteger)
+    #: When the next automatic attempt is due (FAILED jobs waiting for their backoff).
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = created_at()
     updated_at: Mapped[datetime] = updated_at()
 
@@ -60,6 +74,11 @@ class OutboxEvent(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     created_at: Mapped[datetime] = created_at()
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: The writing transaction: the relay publishes a row only once every older transaction
+    #: has ended, which keeps commit order (migration 0002 explains).
+    txid: Mapped[int] = mapped_column(
+        Xid8(), nullable=False, server_default=text("pg_current_xact_id()")
+    )
 
     __table_args__ = (
         Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),

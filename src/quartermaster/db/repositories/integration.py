@@ -1,0 +1,219 @@
+"""SQL of the integration pipeline: outbox claiming, job rows and what job handlers read."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import Table, func, text
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from quartermaster.db.models import IntegrationJob
+from quartermaster.enums import IntegrationStatus
+
+integration_jobs = cast(Table, IntegrationJob.__table__)
+_RETRYABLE = (IntegrationStatus.FAILED, IntegrationStatus.DEAD)
+
+# Only rows whose transaction is older than every transaction still running: a row that is not
+# visible yet can then never turn up behind one already published (commit order, no gaps).
+_CLAIM_SQL = text(
+    """
+SELECT id, topic, key, payload, created_at FROM outbox
+WHERE published_at IS NULL AND txid < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY id
+LIMIT :limit
+FOR UPDATE SKIP LOCKED
+"""
+)
+
+
+async def claim_outbox_batch(conn: AsyncConnection, limit: int) -> list[Row[Any]]:
+    return list((await conn.execute(_CLAIM_SQL, {"limit": limit})).all())
+
+
+async def mark_published(conn: AsyncConnection, ids: Sequence[int]) -> None:
+    await conn.execute(
+        text("UPDATE outbox SET published_at = now() WHERE id = ANY(:ids)"), {"ids": list(ids)}
+    )
+
+
+async def published_since(
+    conn: AsyncConnection, since: datetime, after_id: int, limit: int
+) -> list[Row[Any]]:
+    """Published rows (oldest first) for ``outbox replay``."""
+    return list(
+        (
+            await conn.execute(
+                text(
+                    "SELECT id, topic, key, payload, created_at FROM outbox "
+                    "WHERE published_at IS NOT NULL AND created_at >= :since AND id > :after "
+                    "ORDER BY id LIMIT :limit"
+                ),
+                {"since": since, "after": after_id, "limit": limit},
+            )
+        ).all()
+    )
+
+
+async def delete_published_before(conn: AsyncConnection, cutoff: datetime, limit: int) -> int:
+    result = await conn.execute(
+        text(
+            "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox "
+            "WHERE published_at < :cutoff ORDER BY published_at LIMIT :limit)"
+        ),
+        {"cutoff": cutoff, "limit": limit},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+# A job that exists already (a relay repeating itself, a replay) comes back as it is, so the
+# caller sees its status and does not enqueue a job that is done.
+_UPSERT_JOBS_SQL = text(
+    """
+INSERT INTO integration_jobs (kind, status, order_id, product_id, idempotency_key, payload,
+                              outbox_id, attempts)
+SELECT j.kind, 'PENDING', j.order_id, j.product_id, j.key, j.payload,
+       j.outbox_id, 0
+FROM unnest(CAST(:kinds AS text[]), CAST(:order_ids AS bigint[]), CAST(:product_ids AS bigint[]),
+            CAST(:keys AS text[]), CAST(:payloads AS jsonb[]), CAST(:outbox_ids AS bigint[]))
+     AS j(kind, order_id, product_id, key, payload, outbox_id)
+ON CONFLICT (idempotency_key) DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
+RETURNING id, kind, status, idempotency_key
+"""
+)
+
+
+async def upsert_jobs(conn: AsyncConnection, jobs: Sequence[dict[str, Any]]) -> list[Row[Any]]:
+    """``jobs``: dicts with kind, order_id, product_id, key, payload (JSON text), outbox_id."""
+    if not jobs:
+        return []
+    params = {
+        "kinds": [j["kind"] for j in jobs],
+        "order_ids": [j["order_id"] for j in jobs],
+        "product_ids": [j["product_id"] for j in jobs],
+        "keys": [j["key"] for j in jobs],
+        "payloads": [j["payload"] for j in jobs],
+        "outbox_ids": [j["outbox_id"] for j in jobs],
+    }
+    return list((await conn.execute(_UPSERT_JOBS_SQL, params)).all())
+
+
+async def get_job(conn: AsyncConnection, job_id: int) -> Row[Any] | None:
+    return (
+        await conn.execute(integration_jobs.select().where(integration_jobs.c.id == job_id))
+    ).one_or_none()
+
+
+async def lock_job(conn: AsyncConnection, job_id: int) -> Row[Any] | None:
+    return (
+        await conn.execute(
+            integration_jobs.select().where(integration_jobs.c.id == job_id).with_for_update()
+        )
+    ).one_or_none()
+
+
+async def finish_attempt(
+    conn: AsyncConnection,
+    job_id: int,
+    status: IntegrationStatus,
+    *,
+    error: str | None = None,
+    external_ref: str | None = None,
+    next_attempt_at: datetime | None = None,
+) -> Row[Any] | None:
+    """Record one attempt. A job that succeeded stays SUCCEEDED (a late duplicate changes
+    nothing); returns the updated row, or None when the job was already done."""
+    return (
+        await conn.execute(
+            text(
+                """
+UPDATE integration_jobs
+SET status = :status, attempts = attempts + 1,
+    last_error = :error, external_ref = coalesce(:external_ref, external_ref),
+    next_attempt_at = :next_attempt_at, updated_at = now()
+WHERE id = :id AND status <> 'SUCCEEDED'
+RETURNING id, status, attempts
+"""
+            ),
+            {
+                "id": job_id,
+                "status": status.value,
+                "error": error[:2000] if error else None,
+                "external_ref": external_ref,
+                "next_attempt_at": next_attempt_at,
+            },
+        )
+    ).one_or_none()
+
+
+async def revive_job(conn: AsyncConnection, job_id: int) -> Row[Any] | None:
+    """FAILED/DEAD → PENDING (``retryIntegrationJob``); None when the job is in another state."""
+    return (
+        await conn.execute(
+            integration_jobs.update()
+            .where(integration_jobs.c.id == job_id)
+            .where(integration_jobs.c.status.in_(_RETRYABLE))
+            .values(status=IntegrationStatus.PENDING, next_attempt_at=None, updated_at=func.now())
+            .returning(*integration_jobs.c)
+        )
+    ).one_or_none()
+
+
+async def count_by_status(conn: AsyncConnection) -> dict[tuple[str, str], int]:
+    rows = await conn.execute(
+        text("SELECT kind::text, status::text, count(*) FROM integration_jobs GROUP BY 1, 2")
+    )
+    return {(r[0], r[1]): int(r[2]) for r in rows}
+
+
+async def order_for_invoice(conn: AsyncConnection, order_id: int) -> tuple[Any, list[Any]] | None:
+    """The order with its customer's e-mail, and its lines with SKUs."""
+    order = (
+        await conn.execute(
+            text(
+                "SELECT o.id, o.number, o.customer_id, o.currency, o.total, o.status, "
+                "c.email, c.name AS customer_name "
+                "FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = :id"
+            ),
+            {"id": order_id},
+        )
+    ).one_or_none()
+    if order is None:
+        return None
+    lines = (
+        await conn.execute(
+            text(
+                "SELECT p.sku, l.quantity, l.unit_price, l.line_total FROM order_lines l "
+                "JOIN products p ON p.id = l.product_id WHERE l.order_id = :id ORDER BY l.id"
+            ),
+            {"id": order_id},
+        )
+    ).all()
+    return order, list(lines)
+
+
+async def availability(conn: AsyncConnection, product_ids: Sequence[int]) -> list[Row[Any]]:
+    """SKU and units available to sell (on hand minus reserved, all warehouses) per product."""
+    return list(
+        (
+            await conn.execute(
+                text(
+                    "SELECT p.id, p.sku, "
+                    "coalesce(sum(s.on_hand - s.reserved), 0)::int AS available "
+                    "FROM products p LEFT JOIN stock_levels s ON s.product_id = p.id "
+                    "WHERE p.id = ANY(:ids) GROUP BY p.id, p.sku ORDER BY p.id"
+                ),
+                {"ids": list(product_ids)},
+            )
+        ).all()
+    )
+
+
+async def order_product_ids(conn: AsyncConnection, order_id: int) -> list[int]:
+    rows = await conn.execute(
+        text("SELECT DISTINCT product_id FROM order_lines WHERE order_id = :id ORDER BY 1"),
+        {"id": order_id},
+    )
+    return [int(r[0]) for r in rows]

@@ -1,0 +1,135 @@
+"""Which outbox events cause which partner jobs, and the jobs' own state changes.
+
+Every job has a stable idempotency key derived from the event that caused it, so a relay that
+repeats itself (crash between XADD and marking published) or an ``outbox replay`` finds the job
+that exists instead of making a second one; the key is also sent to the partner as
+``Idempotency-Key``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from quartermaster.db.repositories import integration as repo
+from quartermaster.enums import IntegrationKind
+from quartermaster.services.errors import Problem, ProblemsError
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    kind: IntegrationKind
+    key: str
+    order_id: int | None
+    product_id: int | None
+    outbox_id: int
+    payload: dict[str, Any]
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind.value,
+            "key": self.key,
+            "order_id": self.order_id,
+            "product_id": self.product_id,
+            "outbox_id": self.outbox_id,
+            "payload": orjson.dumps(self.payload).decode(),
+        }
+
+
+def jobs_for_event(outbox_id: int, topic: str, payload: dict[str, Any]) -> list[JobSpec]:
+    """order.placed → INVOICE + NOTIFICATION; order.cancelled → NOTIFICATION + one SHOP_SYNC
+    of the order's products; stock.changed → SHOP_SYNC of its product.
+
+    Stock changes of one order and one product share a key (an order reserving a product in
+    three warehouses syncs it once), and the RELEASE changes of a cancellation are covered by
+    the cancellation's own SHOP_SYNC.
+    """
+    if topic == "order.placed":
+        order_id = int(payload["order_id"])
+        return [
+            JobSpec(IntegrationKind.INVOICE, f"invoice:order:{order_id}", order_id, None,
+                    outbox_id, {"event": topic}),
+            JobSpec(IntegrationKind.NOTIFICATION, f"notify:order-placed:{order_id}", order_id,
+                    None, outbox_id, {"event": topic, "template": "order-placed"}),
+        ]  # fmt: skip
+    if topic == "order.cancelled":
+        order_id = int(payload["order_id"])
+        return [
+            JobSpec(IntegrationKind.NOTIFICATION, f"notify:order-cancelled:{order_id}", order_id,
+                    None, outbox_id, {"event": topic, "template": "order-cancelled",
+                                      "reason": payload.get("reason")}),
+            JobSpec(IntegrationKind.SHOP_SYNC, f"shop-sync:order-cancelled:{order_id}", order_id,
+                    None, outbox_id, {"event": topic}),
+        ]  # fmt: skip
+    if topic == "stock.changed":
+        product_id = int(payload["product_id"])
+        of_order: int | None = payload.get("order_id")
+        reason = payload.get("reason")
+        if of_order is not None and reason == "RELEASE":
+            return []
+        key = (
+            f"shop-sync:order:{of_order}:{reason}:product:{product_id}"
+            if of_order is not None
+            else f"shop-sync:stock:{outbox_id}"
+        )
+        return [
+            JobSpec(IntegrationKind.SHOP_SYNC, key, of_order, product_id, outbox_id,
+                    {"event": topic, "reason": reason}),
+        ]  # fmt: skip
+    return []
+
+
+def jobs_for_events(events: Iterable[Any]) -> list[JobSpec]:
+    """``events``: outbox rows (id, topic, payload). One spec per key, first event wins."""
+    specs: dict[str, JobSpec] = {}
+    for event in events:
+        for spec in jobs_for_event(event.id, event.topic, event.payload):
+            specs.setdefault(spec.key, spec)
+    return list(specs.values())
+
+
+async def retry_job(conn: AsyncConnection, job_id: int) -> Any:
+    """Put a FAILED or DEAD job back to PENDING; the caller enqueues it after commit."""
+    job = await repo.lock_job(conn, job_id)
+    if job is None:
+        raise ProblemsError([Problem("NOT_FOUND", "No such integration job.", ("jobId",))])
+    revived = await repo.revive_job(conn, job_id)
+    if revived is None:
+        raise ProblemsError(
+            [
+                Problem(
+                    "INVALID_STATE",
+                    f"Only FAILED or DEAD jobs can be retried; this one is {job.status.value}.",
+                    ("jobId",),
+                )
+            ]
+        )
+    return revived
+
+
+@dataclass(frozen=True)
+class InvoiceData:
+    order: Any
+    lines: list[Any]
+
+
+async def invoice_data(conn: AsyncConnection, order_id: int) -> InvoiceData | None:
+    found = await repo.order_for_invoice(conn, order_id)
+    return InvoiceData(found[0], found[1]) if found else None
+
+
+async def products_to_sync(conn: AsyncConnection, job: Any) -> list[Any]:
+    """(id, sku, available) of the products a SHOP_SYNC job pushes: its product, or every
+    product of its order (a cancellation). Availability is read now, so the shop gets the
+    latest figure even when the job runs late or twice."""
+    if job.product_id is not None:
+        product_ids = [int(job.product_id)]
+    elif job.order_id is not None:
+        product_ids = await repo.order_product_ids(conn, int(job.order_id))
+    else:
+        product_ids = []
+    return await repo.availability(conn, product_ids)

@@ -1,0 +1,86 @@
+"""One worker process: the outbox relay and/or the job consumers, plus their /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+
+from quartermaster.config import Settings
+from quartermaster.db.engine import Database
+from quartermaster.integrations.clients import build_clients
+from quartermaster.observability import WorkerMetrics
+from quartermaster.workers.consumer import Worker
+from quartermaster.workers.monitor import snapshot
+from quartermaster.workers.relay import Relay
+
+log = structlog.get_logger(__name__)
+
+METRICS_REFRESH_S = 5.0
+
+
+async def run_worker(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    concurrency: int | None = None,
+    relay: bool = True,
+    consume: bool = True,
+    metrics_port: int | None = None,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Run until ``stop`` is set; in-flight jobs get the shutdown grace period."""
+    if not settings.redis.url:
+        raise RuntimeError("QM_REDIS_URL is not set")
+    db = Database.connect(settings.database)
+    redis = Redis.from_url(settings.redis.url, health_check_interval=30)
+    metrics = WorkerMetrics()
+    clients = build_clients(settings.partners, on_call=metrics.on_partner_call)
+    server: Any = None
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        server, _ = start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
+    worker: Worker | None = None
+    try:
+        loops = []
+        if relay:
+            loops.append(Relay(db, redis, settings.jobs, metrics.relay_published.inc).run(stop))
+        if consume:
+            worker = Worker(
+                db, redis, clients, settings.jobs, concurrency=concurrency, metrics=metrics
+            )
+            loops.append(worker.run(stop))
+        loops.append(_refresh_metrics(db, redis, metrics, worker, stop))
+        log.info(
+            "worker.started", relay=relay, consume=consume,
+            concurrency=worker.concurrency if worker else 0, metrics_port=metrics_port,
+        )  # fmt: skip
+        if ready is not None:
+            ready.set()
+        await asyncio.gather(*loops)
+    finally:
+        await clients.aclose()
+        await redis.aclose()
+        await db.dispose()
+        if server is not None:
+            server.shutdown()
+        log.info("worker.stopped")
+
+
+async def _refresh_metrics(
+    db: Database, redis: Redis, metrics: WorkerMetrics, worker: Worker | None, stop: asyncio.Event
+) -> None:
+    while not stop.is_set():
+        try:
+            metrics.pipeline.update(await snapshot(db, redis))
+        except Exception as exc:  # metrics must never take the worker down
+            log.debug("worker.metrics_error", error=repr(exc))
+        if worker is not None:
+            for partner, breaker in worker.breakers.items():
+                metrics.breaker.labels(partner).set(int(breaker.state))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), METRICS_REFRESH_S)
