@@ -4,6 +4,7 @@ export-schema."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -302,8 +303,13 @@ def _quiet_server(config: Any, announce: Callable[[], None]) -> Any:
     return QuietServer(config)
 
 
-def _announce(host: str, port: int) -> None:
+def _announce(host: str, port: int, sandbox_url: str | None = None) -> None:
     click.secho(f"\n  Quartermaster is running: http://{host}:{port}/graphql\n", bold=True)
+    click.echo("  A worker runs the integration jobs (invoice, shop sync, notification)")
+    if sandbox_url:
+        click.echo(f"  against the sandbox partner: {sandbox_url}/_sandbox/effects\n")
+    else:
+        click.echo("  against the configured partner APIs.\n")
     click.echo("  Paste this into GraphiQL to start:\n")
     click.echo("    " + FIRST_QUERY.replace("\n", "\n    ") + "\n")
     click.echo("  Ctrl-C stops the server and everything it started.\n")
@@ -336,22 +342,67 @@ def dev(host: str, port: int, reseed: bool) -> None:
             click.echo("seeding the demo data set (once) ...")
             counts = _run_seed(url, SeedConfig())
             click.echo("seeded: " + ", ".join(f"{t}={n}" for t, n in counts.items()))
+        sandbox_url = _sandbox_for_unconfigured_partners()
+        settings = _settings()
         from quartermaster.app import create_app
 
         app = create_app(settings)
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", access_log=False, ws="websockets-sansio"
         )
-        server = _quiet_server(config, lambda: _announce(host, port))
+        server = _quiet_server(config, lambda: _announce(host, port, sandbox_url))
         # Our handler is in place before the server exists, so a Ctrl-C at any moment from
         # here on asks for a clean stop instead of landing as KeyboardInterrupt in random code.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, server.request_exit)
-        asyncio.run(server.serve())
+        asyncio.run(_dev_main(server, settings, sandbox_url))
         # A second Ctrl-C must not cut the clean shutdown of PostgreSQL and Redis short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         click.echo("stopping embedded services ...")
     click.echo("stopped.")
+
+
+_PARTNER_URL_VARS = ("QM_INVOICING_URL", "QM_SHOP_URL", "QM_NOTIFY_URL")
+
+
+def _sandbox_for_unconfigured_partners() -> str | None:
+    """Point every partner without a configured URL at the dev sandbox (port chosen here)."""
+    missing = [name for name in _PARTNER_URL_VARS if not os.environ.get(name)]
+    if not missing:
+        return None
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sandbox_port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{sandbox_port}"
+    for name in missing:
+        os.environ[name] = url
+    return url
+
+
+async def _dev_main(server: Any, settings: Settings, sandbox_url: str | None) -> None:
+    """The API, a worker (relay + jobs) and, when needed, the sandbox partner in one loop;
+    when the API stops (Ctrl-C), the others stop too."""
+    from quartermaster.integrations.sandbox import sandbox_server
+    from quartermaster.workers.runner import run_worker
+
+    stop = asyncio.Event()
+    background: list[asyncio.Task[None]] = []
+    sandbox = None
+    if sandbox_url is not None:
+        sandbox = sandbox_server("127.0.0.1", int(sandbox_url.rsplit(":", 1)[1]))
+        # dev handles the signals; uvicorn must not take them over in the same process.
+        setattr(sandbox, "capture_signals", contextlib.nullcontext)  # noqa: B010
+        background.append(asyncio.create_task(sandbox.serve()))
+    background.append(asyncio.create_task(run_worker(settings, stop, concurrency=8)))
+    try:
+        await server.serve()
+    finally:
+        stop.set()
+        if sandbox is not None:
+            sandbox.should_exit = True
+        await asyncio.gather(*background, return_exceptions=True)
 
 
 def _ignore_sigpipe() -> None:

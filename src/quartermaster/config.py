@@ -233,6 +233,23 @@ class PricingSettings:
 
 
 @dataclass(frozen=True)
+class LiveSettings:
+    """Live stock subscriptions (``live/``): per-subscriber buffering and WebSocket limits."""
+
+    queue_size: int = 1_000
+    max_subscriptions_per_connection: int = 20
+    connection_init_timeout_s: float = 10.0
+
+    @classmethod
+    def from_env(cls) -> LiveSettings:
+        return cls(
+            queue_size=max(1, _int("QM_LIVE_QUEUE_SIZE", 1_000)),
+            max_subscriptions_per_connection=max(1, _int("QM_LIVE_MAX_SUBSCRIPTIONS", 20)),
+            connection_init_timeout_s=_float("QM_LIVE_INIT_TIMEOUT_S", 10.0),
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     env: str
     host: str
@@ -246,6 +263,7 @@ class Settings:
     pricing: PricingSettings
     jobs: JobSettings = field(default_factory=JobSettings)
     partners: PartnersSettings = field(default_factory=PartnersSettings)
+    live: LiveSettings = field(default_factory=LiveSettings)
 
     @property
     def production(self) -> bool:
@@ -270,6 +288,7 @@ class Settings:
             pricing=PricingSettings.from_env(),
             jobs=JobSettings.from_env(),
             partners=PartnersSettings.from_env(),
+            live=LiveSettings.from_env(),
         )
 
 
@@ -323,6 +342,9 @@ ENV_VARS = (
     "QM_NOTIFY_SIGNING_SECRET",
     "QM_PARTNER_TIMEOUT_S",
     "QM_PARTNER_CONNECT_TIMEOUT_S",
+    "QM_LIVE_QUEUE_SIZE",
+    "QM_LIVE_MAX_SUBSCRIPTIONS",
+    "QM_LIVE_INIT_TIMEOUT_S",
     "QM_TEST_DATABASE_URL",
     "QM_TEST_REDIS_URL",
 )

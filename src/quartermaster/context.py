@@ -25,6 +25,8 @@ class Context:
     #: before any resolver runs, so a mutation payload never reads stale rows.
     role: Role = "replica"
     metrics: Any = None
+    #: The app's Redis client (None when Redis is not configured).
+    redis: Any = None
     _loaders: Loaders | None = field(default=None, repr=False)
 
     def reset_loaders(self) -> None:

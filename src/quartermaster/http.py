@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -24,6 +25,7 @@ from strawberry.types import ExecutionResult
 from quartermaster.context import Context
 from quartermaster.db.engine import StatementStats, current_stats
 from quartermaster.schema.extensions import normalize_error
+from quartermaster.workers.monitor import snapshot
 
 log = structlog.get_logger("quartermaster.http")
 
@@ -74,6 +76,7 @@ class GraphQLView(GraphQL[Context, None]):
             request=request,
             response=response,
             metrics=state.metrics,
+            redis=state.redis,
         )
 
     def parse_json(self, data: str | bytes) -> Any:
@@ -266,6 +269,17 @@ async def ready(request: Request) -> Response:
     return JSONResponse(body, status_code=200 if not failing else 503)
 
 
+PIPELINE_REFRESH_S = 5.0
+
+
 async def metrics(request: Request) -> Response:
-    registry = request.app.state.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    state = request.app.state
+    pipeline = state.metrics.pipeline
+    now = time.monotonic()
+    if now - pipeline.taken_at >= PIPELINE_REFRESH_S:
+        pipeline.taken_at = now
+        try:
+            pipeline.update(await asyncio.wait_for(snapshot(state.db, state.redis), 2.0))
+        except Exception as exc:  # a slow or broken dependency must not break /metrics
+            log.warning("metrics.pipeline_error", error=repr(exc))
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -89,6 +89,8 @@ class Metrics:
             registry=self.registry,
         )
         self._names: set[str] = set()
+        #: Integration pipeline gauges; /metrics refreshes them (at most every few seconds).
+        self.pipeline = PipelineMetrics(self.registry)
 
     def bind_database(self, db: Database) -> None:
         self.registry.register(_PoolCollector(db))

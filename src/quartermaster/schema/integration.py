@@ -24,6 +24,9 @@ class IntegrationJobType(Node):
     external_ref: str | None = strawberry.field(
         description="Identifier returned by the partner system, e.g. the invoice number."
     )
+    next_attempt_at: datetime | None = strawberry.field(
+        description="When a FAILED job's next automatic attempt is due."
+    )
     created_at: datetime
     updated_at: datetime
 
@@ -37,6 +40,7 @@ class IntegrationJobType(Node):
             attempts=row.attempts,
             last_error=row.last_error,
             external_ref=row.external_ref,
+            next_attempt_at=row.next_attempt_at,
             created_at=row.created_at,
             updated_at=row.updated_at,
         )

@@ -16,6 +16,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from quartermaster.db.repositories import integration as repo
+from quartermaster.db.repositories import outbox
 from quartermaster.enums import IntegrationKind
 from quartermaster.services.errors import Problem, ProblemsError
 
@@ -92,8 +93,17 @@ def jobs_for_events(events: Iterable[Any]) -> list[JobSpec]:
     return list(specs.values())
 
 
+RETRY_TOPIC = "job.retry"
+
+
+def retried_job_ids(events: Iterable[Any]) -> list[int]:
+    """Jobs that ``retryIntegrationJob`` put back, from outbox rows (``job.retry`` events)."""
+    return [int(e.payload["job_id"]) for e in events if e.topic == RETRY_TOPIC]
+
+
 async def retry_job(conn: AsyncConnection, job_id: int) -> Any:
-    """Put a FAILED or DEAD job back to PENDING; the caller enqueues it after commit."""
+    """Put a FAILED or DEAD job back to PENDING. It is enqueued through the outbox (a
+    ``job.retry`` event in this same transaction), so a Redis outage cannot lose the retry."""
     job = await repo.lock_job(conn, job_id)
     if job is None:
         raise ProblemsError([Problem("NOT_FOUND", "No such integration job.", ("jobId",))])
@@ -108,6 +118,9 @@ async def retry_job(conn: AsyncConnection, job_id: int) -> Any:
                 )
             ]
         )
+    await outbox.add_events(
+        conn, [{"topic": RETRY_TOPIC, "key": f"job:{job_id}", "payload": {"job_id": job_id}}]
+    )
     return revived
 
 

@@ -38,7 +38,7 @@ from quartermaster.config import JobSettings
 from quartermaster.db.engine import Database
 from quartermaster.db.repositories import integration as repo
 from quartermaster.enums import IntegrationKind, IntegrationStatus
-from quartermaster.services.integration import jobs_for_events
+from quartermaster.services.integration import jobs_for_events, retried_job_ids
 from quartermaster.streams import STOCK_EVENTS_STREAM, job_stream
 
 log = structlog.get_logger(__name__)
@@ -111,6 +111,7 @@ class Relay:
                 await conn.commit()
                 return 0
             jobs = await repo.upsert_jobs(conn, [s.as_row() for s in jobs_for_events(rows)])
+            jobs += await repo.jobs_by_ids(conn, retried_job_ids(rows))
             await conn.commit()
         except (OperationalError, InterfaceError, OSError, DBAPIError):
             await self._drop_connection()

@@ -100,6 +100,22 @@ async def upsert_jobs(conn: AsyncConnection, jobs: Sequence[dict[str, Any]]) -> 
     return list((await conn.execute(_UPSERT_JOBS_SQL, params)).all())
 
 
+async def jobs_by_ids(conn: AsyncConnection, ids: Sequence[int]) -> list[Row[Any]]:
+    if not ids:
+        return []
+    return list(
+        (
+            await conn.execute(
+                text(
+                    "SELECT id, kind, status, idempotency_key FROM integration_jobs "
+                    "WHERE id = ANY(:ids) ORDER BY id"
+                ),
+                {"ids": list(ids)},
+            )
+        ).all()
+    )
+
+
 async def get_job(conn: AsyncConnection, job_id: int) -> Row[Any] | None:
     return (
         await conn.execute(integration_jobs.select().where(integration_jobs.c.id == job_id))
@@ -155,7 +171,12 @@ async def revive_job(conn: AsyncConnection, job_id: int) -> Row[Any] | None:
             integration_jobs.update()
             .where(integration_jobs.c.id == job_id)
             .where(integration_jobs.c.status.in_(_RETRYABLE))
-            .values(status=IntegrationStatus.PENDING, next_attempt_at=None, updated_at=func.now())
+            .values(
+                status=IntegrationStatus.PENDING,
+                attempts=0,
+                next_attempt_at=None,
+                updated_at=func.now(),
+            )
             .returning(*integration_jobs.c)
         )
     ).one_or_none()
