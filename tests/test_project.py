@@ -68,6 +68,9 @@ FORBIDDEN = {
     "integrations": ("strawberry", "quartermaster.db", "quartermaster.services",
                      "quartermaster.schema", "quartermaster.resolvers", "quartermaster.api",
                      "quartermaster.http"),
+    # Workers run without a web stack: no GraphQL, no Starlette.
+    "workers": ("strawberry", "starlette", "quartermaster.schema", "quartermaster.resolvers",
+                "quartermaster.api", "quartermaster.http", "quartermaster.app"),
 }  # fmt: skip
 
 

@@ -68,7 +68,10 @@ class CircuitBreaker:
         """How long a job refused by ``allow`` should wait before asking again."""
         if self.opened_at is None:
             return 0.0
-        return max(0.05, self.cooldown_s - (self.clock() - self.opened_at))
+        left = self.cooldown_s - (self.clock() - self.opened_at)
+        if left <= 0:  # half-open, a probe is out: ask again when it has had time to answer
+            return min(1.0, max(0.05, self.cooldown_s / 4))
+        return left
 
     def success(self) -> None:
         self.failures = 0

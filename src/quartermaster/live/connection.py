@@ -1,0 +1,151 @@
+"""The write side of one graphql-transport-ws connection: a FIFO of ready frames and one
+writer task.
+
+The hub never awaits a socket. It appends pre-serialized frames here (``push``, synchronous)
+and the connection's writer task sends them. Each subscription may have at most
+``queue_size`` frames waiting; one more means the client does not keep up, and the whole
+connection is closed with ``SLOW_CLOSE_CODE`` (the TCP connection is what is slow, so every
+subscription on it is behind). The client reconnects and resumes each subscription with
+``after:`` = the last cursor it received, and the replay fills the gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import structlog
+
+log = structlog.get_logger("quartermaster.live")
+
+#: "Try Again Later" (RFC 6455 registry). Not 4429: graphql-transport-ws uses that for "too
+#: many initialisation requests", and the reference client treats it as fatal, while it
+#: reconnects after 1013.
+SLOW_CLOSE_CODE = 1013
+SLOW_CLOSE_REASON = "Subscriber too slow: reconnect and resume with after"
+
+
+class FrameOwner(Protocol):
+    """What a queued frame belongs to (a subscription)."""
+
+    pending: int
+    closed: bool
+
+
+class LiveConnection:
+    def __init__(
+        self,
+        send: Callable[[str], Awaitable[None]],
+        close: Callable[[int, str], Awaitable[None]],
+        queue_size: int,
+        on_fail: Callable[[LiveConnection], None],
+        on_slow: Callable[[], None] | None = None,
+    ) -> None:
+        self._send = send
+        self._close = close
+        self.queue_size = queue_size
+        self._on_fail = on_fail
+        self._on_slow = on_slow
+        #: (owner, frame, callback after sending or None)
+        self._frames: deque[tuple[FrameOwner, str, Callable[[], None] | None]] = deque()
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._close_task: asyncio.Task[None] | None = None
+        self.failed = False
+        self.subscribers: set[Any] = set()
+
+    def push(self, owner: FrameOwner, frame: str) -> bool:
+        """Queue a frame; False (and the connection closed as too slow) when ``owner``
+        already has ``queue_size`` frames waiting."""
+        if self.failed or owner.closed:
+            return False
+        if owner.pending >= self.queue_size:
+            self.fail_slow()
+            return False
+        owner.pending += 1
+        self._frames.append((owner, frame, None))
+        self._kick()
+        return True
+
+    def push_last(self, owner: FrameOwner, frame: str, then: Callable[[], None]) -> None:
+        """Queue a final frame of ``owner`` (after its pending ones); ``then`` runs right
+        before it is sent, or at once if the connection is gone."""
+        if self.failed:
+            then()
+            return
+        owner.pending += 1
+        self._frames.append((owner, frame, then))
+        self._kick()
+
+    async def wait_capacity(self, owner: FrameOwner) -> None:
+        """Wait until ``owner`` has room for another frame (replay paces itself here)."""
+        while not self.failed and owner.pending >= self.queue_size // 2 + 1:
+            self._progress.clear()
+            await self._progress.wait()
+
+    def _kick(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="qm-live-writer")
+        self._wake.set()
+
+    async def _run(self) -> None:
+        frames = self._frames
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while frames:
+                    owner, frame, then = frames.popleft()
+                    owner.pending -= 1
+                    if then is not None:
+                        then()
+                    elif owner.closed:
+                        continue
+                    await self._send(frame)
+                    self._progress.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the peer went away: the handler's read loop sees it too
+            log.debug("live.connection.send_failed", error=type(exc).__name__)
+            self._fail()
+
+    def fail_slow(self) -> None:
+        if self.failed:
+            return
+        log.warning("live.subscriber.too_slow", queue_size=self.queue_size)
+        if self._on_slow is not None:
+            self._on_slow()
+        self._fail()
+        # The writer may be stuck in a send to a client that does not read; the close frame
+        # goes out behind whatever the transport still holds, from a task of its own.
+        self._close_task = asyncio.create_task(self._close_quietly(), name="qm-live-close")
+
+    async def _close_quietly(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._close(SLOW_CLOSE_CODE, SLOW_CLOSE_REASON)
+
+    def _fail(self) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        callbacks = [then for _, _, then in self._frames if then is not None]
+        self._frames.clear()
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        self._progress.set()
+        for then in callbacks:
+            then()
+        self._on_fail(self)
+
+    async def aclose(self) -> None:
+        """The handler is shutting down: stop writing (no close frame; the socket is gone)."""
+        self._fail()
+        for task in (self._task, self._close_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
