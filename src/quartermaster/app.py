@@ -9,14 +9,17 @@ from datetime import timedelta
 import structlog
 from redis.asyncio import Redis
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
-from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
+from strawberry.subscriptions import GRAPHQL_SSE_PROTOCOL, GRAPHQL_TRANSPORT_WS_PROTOCOL
 
 from quartermaster.api import build_schema
 from quartermaster.config import Settings
 from quartermaster.db.engine import Database
 from quartermaster.http import GraphQLView, RequestContextMiddleware, health, metrics, ready
+from quartermaster.live.hub import StockHub
 from quartermaster.observability import Metrics, configure_logging
+from quartermaster.ratelimit import RateLimiter
 
 log = structlog.get_logger("quartermaster.app")
 
@@ -28,12 +31,15 @@ class AppState:
     db: Database
     redis: Redis | None
     metrics: Metrics
+    live: StockHub | None
 
 
 def create_app(settings: Settings | None = None, *, configure_logs: bool = True) -> Starlette:
     settings = settings or Settings.from_env()
     if configure_logs:
         configure_logging(settings.log_level, settings.log_json)
+    # Refuse to start in production with a missing, short or development token secret.
+    settings.access.token_secret(settings.production)
     app_metrics = Metrics()
     schema = build_schema(settings.graphql)
 
@@ -41,15 +47,26 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db = Database.connect(settings.database)
         app_metrics.bind_database(db)
+        # Replica lag and reachability, probed in the background (decides where reads go).
+        await db.monitor.start()
         redis = Redis.from_url(settings.redis.url) if settings.redis.url else None
         app.state.settings = settings
         app.state.db = db
         app.state.redis = redis
         app.state.metrics = app_metrics
+        # Per-caller rate limits live in Redis, shared by every instance (ratelimit.py).
+        app.state.rate_limiter = RateLimiter(redis, settings.access) if redis is not None else None
+        # One reader of the stock-event stream per process, shared by every subscription.
+        live = StockHub(redis, db, settings, app_metrics.registry) if redis is not None else None
+        app.state.live = live
+        if live is not None:
+            await live.start()
         log.info("app.started", replica=db.has_replica, redis=redis is not None, env=settings.env)
         try:
             yield
         finally:
+            if live is not None:
+                await live.stop()
             if redis is not None:
                 await redis.aclose()
             await db.dispose()
@@ -61,9 +78,10 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         app_state=app.state,
         graphql_ide="graphiql" if settings.graphql.graphiql else None,
         allow_queries_via_get=True,
-        subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
-        connection_init_wait_timeout=timedelta(seconds=10),
-        max_subscriptions_per_connection=20,
+        # graphql-transport-ws (WebSocket) and graphql-sse (POST, Accept: text/event-stream).
+        subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_SSE_PROTOCOL),
+        connection_init_wait_timeout=timedelta(seconds=settings.live.connection_init_timeout_s),
+        max_subscriptions_per_connection=settings.live.max_subscriptions_per_connection,
     )
     app.router.routes.extend(
         [
@@ -74,6 +92,16 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
             Route("/metrics", metrics),
         ]
     )
+    if settings.access.cors_origins:
+        # Browsers on other origins only where the settings list them; none by default.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.access.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id", "x-consistency-token"],
+            expose_headers=["x-request-id", "x-consistency-token", "retry-after"],
+            max_age=600,
+        )
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.graphql.max_body_bytes,

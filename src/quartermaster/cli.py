@@ -1,5 +1,5 @@
 """The ``quartermaster`` command: dev | serve | worker | outbox | sandbox | migrate | seed |
-export-schema."""
+token | healthcheck | export-schema."""
 
 from __future__ import annotations
 
@@ -205,8 +205,10 @@ def replay(since: Any) -> None:
 def sandbox(host: str, port: int) -> None:
     """Run the sandbox partner (invoicing, shop, notifications) for development and tests."""
     from quartermaster.integrations.sandbox import sandbox_server
+    from quartermaster.observability import configure_logging
 
     settings = _settings()
+    configure_logging(settings.log_level, settings.log_json)
     secrets = {
         "invoicing": settings.partners.invoicing.signing_secret,
         "shop": settings.partners.shop.signing_secret,
@@ -214,6 +216,48 @@ def sandbox(host: str, port: int) -> None:
     }
     click.echo(f"sandbox partner on http://{host}:{port} (control API under /_sandbox)")
     sandbox_server(host, port, secrets=secrets).run()
+
+
+@main.command()
+@click.option(
+    "--role", required=True, type=click.Choice(["ADMIN", "STAFF", "CUSTOMER"], case_sensitive=False)
+)
+@click.option("--customer", "customer_id", type=int, default=None, help="Customer id (CUSTOMER).")
+@click.option("--ttl", default="12h", show_default=True, help="Lifetime: 3600, 15m, 12h, 7d.")
+@click.option("--subject", default=None, help="Who the token is for (default: derived).")
+def token(role: str, customer_id: int | None, ttl: str, subject: str | None) -> None:
+    """Mint a bearer token (signed with QM_AUTH_SECRET) and print it."""
+    from quartermaster.auth import Role, mint_token, parse_ttl
+
+    settings = _settings()
+    try:
+        secret = settings.access.token_secret(settings.production)
+        ttl_s = parse_ttl(ttl)
+        value = mint_token(
+            secret, Role(role.upper()), customer_id=customer_id, ttl_s=ttl_s, subject=subject
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(value)
+
+
+@main.command()
+@click.argument("url", required=False)
+@click.option("--timeout", default=3.0, show_default=True, type=float, help="Seconds.")
+def healthcheck(url: str | None, timeout: float) -> None:
+    """Exit 0 when URL answers HTTP 200 (default: this API's /health/ready on QM_PORT).
+
+    For container health checks: the runtime image has no curl."""
+    import httpx
+
+    url = url or f"http://127.0.0.1:{_settings().port}/health/ready"
+    try:
+        response = httpx.get(url, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"{url}: {type(exc).__name__}: {exc}") from exc
+    if response.status_code != 200:
+        raise click.ClickException(f"{url}: HTTP {response.status_code} {response.text[:300]}")
+    click.echo(f"{url}: ok")
 
 
 @main.command("export-schema")
@@ -247,17 +291,29 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
 
 
 @contextmanager
-def embedded_services(settings: Settings) -> Iterator[dict[str, str]]:
-    """Start embedded PostgreSQL/Redis for whatever is not configured; stop them on exit."""
-    from quartermaster.embedded import start_postgres, start_redis
+def embedded_services(settings: Settings, replica: bool = False) -> Iterator[dict[str, str]]:
+    """Start embedded PostgreSQL/Redis for whatever is not configured; stop them on exit.
+
+    ``replica``: a primary and a streaming hot-standby replica instead of one server."""
+    from quartermaster.embedded import start_postgres, start_redis, start_replicated_postgres
 
     overrides: dict[str, str] = {}
     with ExitStack() as stack:
-        if not settings.database.url:
+        if not settings.database.url and replica:
+            where = settings.data_dir / "replicated"
+            click.echo(f"starting embedded PostgreSQL primary + streaming replica in {where} ...")
+            pair = start_replicated_postgres(where)
+            stack.callback(pair.stop)
+            overrides["QM_DATABASE_URL"] = pair.primary_url
+            overrides["QM_REPLICA_DATABASE_URL"] = pair.replica_url
+            click.echo(f"  primary {pair.primary_url}\n  replica {pair.replica_url}")
+        elif not settings.database.url:
             click.echo(f"starting embedded PostgreSQL in {settings.data_dir / 'postgres'} ...")
             pg = start_postgres(settings.data_dir)
             stack.callback(pg.stop)
             overrides["QM_DATABASE_URL"] = pg.url
+        elif replica:
+            click.echo("QM_DATABASE_URL is set: --replica ignored (set QM_REPLICA_DATABASE_URL)")
         if not settings.redis.url:
             click.echo(f"starting embedded Redis in {settings.data_dir / 'redis'} ...")
             redis = start_redis(settings.data_dir)
@@ -319,7 +375,12 @@ def _announce(host: str, port: int, sandbox_url: str | None = None) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--reseed", is_flag=True, help="Seed even if the database already has data.")
-def dev(host: str, port: int, reseed: bool) -> None:
+@click.option(
+    "--replica",
+    is_flag=True,
+    help="Embedded primary + streaming replica (queries read from the replica).",
+)
+def dev(host: str, port: int, reseed: bool, replica: bool) -> None:
     """One-command demo: embedded PostgreSQL + Redis, migrations, demo data, GraphiQL."""
     import uvicorn
 
@@ -332,7 +393,7 @@ def dev(host: str, port: int, reseed: bool) -> None:
     os.environ.setdefault("QM_LOG_JSON", "false")
     settings = _settings()
     configure_logging(settings.log_level, settings.log_json)
-    with embedded_services(settings) as overrides:
+    with embedded_services(settings, replica=replica) as overrides:
         os.environ.update(overrides)
         settings = _settings()
         url = _require_database(settings)

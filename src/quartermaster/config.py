@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -67,6 +68,10 @@ class DatabaseSettings:
     statement_timeout_ms: int = 15_000
     pre_ping: bool = False
     pool_recycle_s: int = 1800
+    #: How often the app probes the replica's lag and reachability (seconds).
+    replica_probe_s: float = 1.0
+    #: Reads go to the primary while the replica lags more than this (seconds).
+    replica_max_lag_s: float = 5.0
 
     @classmethod
     def from_env(cls) -> DatabaseSettings:
@@ -81,6 +86,8 @@ class DatabaseSettings:
             statement_timeout_ms=_int("QM_DB_STATEMENT_TIMEOUT_MS", 15_000),
             pre_ping=_bool("QM_DB_PRE_PING", False),
             pool_recycle_s=_int("QM_DB_POOL_RECYCLE", 1800),
+            replica_probe_s=_float("QM_REPLICA_PROBE_S", 1.0),
+            replica_max_lag_s=_float("QM_REPLICA_MAX_LAG_S", 5.0),
         )
 
 
@@ -91,6 +98,81 @@ class RedisSettings:
     @classmethod
     def from_env(cls) -> RedisSettings:
         return cls(url=_env("QM_REDIS_URL"))
+
+
+def _per_role(name: str, default: dict[str, int]) -> dict[str, int]:
+    """``ANONYMOUS=500,CUSTOMER=2000`` → merged over ``default`` (0 means unlimited)."""
+    raw = _env(name)
+    if raw is None:
+        return dict(default)
+    values = dict(default)
+    for part in raw.split(","):
+        role, sep, number = part.partition("=")
+        role = role.strip().upper()
+        if not sep or role not in default:
+            raise ValueError(f"{name}: expected ROLE=N pairs with roles {sorted(default)}")
+        try:
+            values[role] = int(number)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {number.strip()!r} is not an integer") from exc
+    return values
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    """Tokens, the query-cost budget and the rate limit per role, CORS, production checks."""
+
+    secret: str | None = None
+    public_catalogue: bool = False
+    cost_budgets: dict[str, int] = field(
+        default_factory=lambda: {"ANONYMOUS": 1_000, "CUSTOMER": 5_000, "STAFF": 25_000,
+                                 "ADMIN": 50_000}
+    )  # fmt: skip
+    rate_limits: dict[str, int] = field(
+        default_factory=lambda: {"ANONYMOUS": 5_000, "CUSTOMER": 50_000, "STAFF": 500_000,
+                                 "ADMIN": 0}
+    )  # fmt: skip
+    rate_window_s: float = 60.0
+    cors_origins: tuple[str, ...] = ()
+    trust_forwarded_for: bool = False
+
+    def token_secret(self, production: bool) -> str:
+        """The HS256 secret. Development falls back to a fixed, public one (so `dev` works out of
+        the box); production refuses a missing, short or development secret."""
+        from quartermaster.auth import DEV_SECRET, MIN_SECRET_LENGTH
+
+        if self.secret is None:
+            if production:
+                raise ValueError("QM_AUTH_SECRET must be set when QM_ENV=production")
+            return DEV_SECRET
+        if production and (self.secret == DEV_SECRET or len(self.secret) < MIN_SECRET_LENGTH):
+            raise ValueError(
+                f"QM_AUTH_SECRET must be a random secret of at least {MIN_SECRET_LENGTH} "
+                "characters in production (not the development default)"
+            )
+        return self.secret
+
+    def cost_budget(self, role: Any) -> int:
+        return self.cost_budgets.get(getattr(role, "value", str(role)), 0)
+
+    def rate_limit(self, role: Any) -> int:
+        return self.rate_limits.get(getattr(role, "value", str(role)), 0)
+
+    @classmethod
+    def from_env(cls) -> AccessSettings:
+        default = cls()
+        origins = _env("QM_CORS_ORIGINS")
+        return cls(
+            secret=_env("QM_AUTH_SECRET"),
+            public_catalogue=_bool("QM_PUBLIC_CATALOGUE", False),
+            cost_budgets=_per_role("QM_COST_BUDGETS", default.cost_budgets),
+            rate_limits=_per_role("QM_RATE_LIMITS", default.rate_limits),
+            rate_window_s=_float("QM_RATE_WINDOW_S", 60.0),
+            cors_origins=tuple(o.strip() for o in origins.split(",") if o.strip())
+            if origins
+            else (),
+            trust_forwarded_for=_bool("QM_TRUST_FORWARDED_FOR", False),
+        )
 
 
 @dataclass(frozen=True)
@@ -262,6 +344,7 @@ class Settings:
     graphql: GraphQLSettings
     pricing: PricingSettings
     jobs: JobSettings = field(default_factory=JobSettings)
+    access: AccessSettings = field(default_factory=AccessSettings)
     partners: PartnersSettings = field(default_factory=PartnersSettings)
     live: LiveSettings = field(default_factory=LiveSettings)
 
@@ -287,6 +370,7 @@ class Settings:
             graphql=GraphQLSettings.from_env(production),
             pricing=PricingSettings.from_env(),
             jobs=JobSettings.from_env(),
+            access=AccessSettings.from_env(),
             partners=PartnersSettings.from_env(),
             live=LiveSettings.from_env(),
         )
@@ -308,6 +392,8 @@ ENV_VARS = (
     "QM_DB_STATEMENT_TIMEOUT_MS",
     "QM_DB_PRE_PING",
     "QM_DB_POOL_RECYCLE",
+    "QM_REPLICA_PROBE_S",
+    "QM_REPLICA_MAX_LAG_S",
     "QM_REDIS_URL",
     "QM_MAX_QUERY_DEPTH",
     "QM_MAX_ALIASES",
@@ -318,6 +404,13 @@ ENV_VARS = (
     "QM_GRAPHIQL",
     "QM_DATALOADERS",
     "QM_TIER_DISCOUNTS",
+    "QM_AUTH_SECRET",
+    "QM_PUBLIC_CATALOGUE",
+    "QM_COST_BUDGETS",
+    "QM_RATE_LIMITS",
+    "QM_RATE_WINDOW_S",
+    "QM_CORS_ORIGINS",
+    "QM_TRUST_FORWARDED_FOR",
     "QM_RELAY_BATCH",
     "QM_RELAY_POLL_S",
     "QM_OUTBOX_RETENTION_HOURS",

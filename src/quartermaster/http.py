@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 import uuid
@@ -21,9 +22,13 @@ from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.http import GraphQLHTTPResponse
 from strawberry.types import ExecutionResult
+from strawberry.types.unset import UNSET, UnsetType
 
+from quartermaster.auth import AuthenticationError, principal_from_header
 from quartermaster.context import Context
 from quartermaster.db.engine import StatementStats, current_stats
+from quartermaster.db.replica import TOKEN_HEADER, InvalidConsistencyToken, decode_token
+from quartermaster.live.transport import LiveTransportWSHandler, bearer_token
 from quartermaster.schema.extensions import normalize_error
 from quartermaster.workers.monitor import snapshot
 
@@ -60,8 +65,22 @@ def _wants_graphql_response_json(accept: str) -> bool:
     return best is not None and best[1] == GRAPHQL_RESPONSE_JSON and best[0] > 0
 
 
+class CodedHTTPException(HTTPException):
+    """A request the view refuses before executing it, with our own ``extensions.code``."""
+
+    def __init__(
+        self, status_code: int, reason: str, code: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(status_code, reason)
+        self.code = code
+        self.headers = headers or {}
+
+
 class GraphQLView(GraphQL[Context, None]):
     """strawberry's ASGI view with our context, JSON via orjson and errors that carry codes."""
+
+    #: graphql-transport-ws with the hooks of live stock subscriptions (``live/transport.py``).
+    graphql_transport_ws_handler_class = LiveTransportWSHandler
 
     def __init__(self, *args: Any, app_state: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -69,7 +88,7 @@ class GraphQLView(GraphQL[Context, None]):
 
     async def get_context(self, request: Request | WebSocket, response: Any) -> Context:
         state = self.app_state
-        return Context(
+        context = Context(
             settings=state.settings,
             db=state.db,
             request_id=request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex,
@@ -77,7 +96,38 @@ class GraphQLView(GraphQL[Context, None]):
             response=response,
             metrics=state.metrics,
             redis=state.redis,
+            live=getattr(state, "live", None),
         )
+        if isinstance(request, Request):
+            self._authenticate(context, request)
+        token = request.headers.get(TOKEN_HEADER) if isinstance(request, Request) else None
+        if token:
+            try:
+                context.consistency_lsn = decode_token(token)
+            except InvalidConsistencyToken as exc:
+                raise CodedHTTPException(400, str(exc), "INVALID_CONSISTENCY_TOKEN") from exc
+        return context
+
+    def _authenticate(self, context: Context, request: Request) -> None:
+        """The caller from ``Authorization: Bearer``; a bad token is a 401, never anonymous."""
+        settings = context.settings
+        try:
+            context.principal = principal_from_header(
+                settings.access.token_secret(settings.production),
+                request.headers.get("authorization"),
+            )
+        except AuthenticationError as exc:
+            raise CodedHTTPException(
+                401, exc.message, exc.code, {"WWW-Authenticate": 'Bearer realm="quartermaster"'}
+            ) from exc
+        context.rate_limiter = getattr(self.app_state, "rate_limiter", None)
+        context.rate_key = context.principal.rate_key or f"ip:{client_address(request, settings)}"
+
+    async def on_ws_connect(self, context: Context) -> UnsetType | None:
+        """``connection_init``: keep the bearer token of the payload on the connection's
+        context (``{"token": "…"}`` or ``{"Authorization": "Bearer …"}``)."""
+        context.token = bearer_token(context.connection_params or {})
+        return UNSET
 
     def parse_json(self, data: str | bytes) -> Any:
         try:
@@ -115,11 +165,13 @@ class GraphQLView(GraphQL[Context, None]):
         rid = scope.get("state", {}).get("request_id")
         wants_gql_json = _wants_graphql_response_json(request.headers.get("accept", ""))
         try:
+            _refuse_simple_posts(request)
             response = await self.run(request)
         except HTTPException as exc:
             code = "METHOD_NOT_ALLOWED" if exc.status_code == 405 else "BAD_REQUEST"
             if exc.status_code == 404:
                 code = "NOT_FOUND"
+            code = getattr(exc, "code", code)
             response = Response(
                 error_body(exc.reason, code, rid),
                 status_code=exc.status_code,
@@ -127,12 +179,45 @@ class GraphQLView(GraphQL[Context, None]):
             )
             if exc.status_code == 405:
                 response.headers["Allow"] = "GET, POST"
+            for name, value in getattr(exc, "headers", {}).items():
+                response.headers[name] = value
         else:
             if wants_gql_json and response.media_type == "application/json":
                 response.headers["content-type"] = GRAPHQL_RESPONSE_JSON
                 if scope.get("state", {}).get("qm_request_error") and response.status_code == 200:
                     response.status_code = 400
+            retry_after = scope.get("state", {}).get("qm_retry_after")
+            if retry_after is not None:  # the rate limiter refused (schema/access.py)
+                response.status_code = 429
+                response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
         await response(scope, receive, send)
+
+
+#: POST bodies a browser may send cross-site without a CORS preflight (CSRF): refused.
+_SIMPLE_POST_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
+
+
+def _refuse_simple_posts(request: Request) -> None:
+    if request.method != "POST":
+        return
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media in _SIMPLE_POST_TYPES:
+        raise CodedHTTPException(
+            415,
+            f"{media} bodies are not accepted (they could be sent cross-site); "
+            "send application/json.",
+            "UNSUPPORTED_MEDIA_TYPE",
+        )
+
+
+def client_address(request: Request, settings: Any) -> str:
+    """The caller's address: the first ``X-Forwarded-For`` hop when a trusted proxy sets it."""
+    if settings.access.trust_forwarded_for:
+        forwarded = request.headers.get("x-forwarded-for", "")
+        first = forwarded.split(",")[0].strip()
+        if first:
+            return first
+    return request.client.host if request.client else "unknown"
 
 
 class RequestContextMiddleware:
@@ -262,8 +347,11 @@ async def ready(request: Request) -> Response:
             checks["redis"] = "ok"
         except Exception as exc:
             checks["redis"] = f"error: {type(exc).__name__}"
-    failing = [name for name, value in checks.items() if value != "ok"]
-    body: dict[str, Any] = {"status": "ok" if not failing else "unavailable", "checks": checks}
+    # A broken or lagging replica does not make the API unready: reads go to the primary.
+    failing = [name for name, value in checks.items() if value != "ok" and name != "replica"]
+    degraded = checks.get("replica", "ok") != "ok" or state.db.read_target("replica") != "replica"
+    status = "unavailable" if failing else "degraded" if state.db.has_replica and degraded else "ok"
+    body: dict[str, Any] = {"status": status, "checks": checks, "reads": state.db.health.describe()}
     if failing:
         body["failing"] = failing
     return JSONResponse(body, status_code=200 if not failing else 503)

@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from quartermaster.db.engine import Database, Role
@@ -58,6 +58,45 @@ class _PoolCollector(Collector):
         yield size
 
 
+class _ReplicaCollector(Collector):
+    """Replica lag and where reads go, as the app's probe last saw them (``db/replica.py``)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def collect(self) -> Any:
+        health = self.db.health
+        target = GaugeMetricFamily(
+            "qm_reads_target",
+            "1 for the database that queries read from now (replica while healthy)",
+            labels=["database"],
+        )
+        for name in ("primary", "replica"):
+            target.add_metric([name], 1.0 if health.reads_target == name else 0.0)
+        yield target
+        if not self.db.has_replica:
+            return
+        yield GaugeMetricFamily(
+            "qm_replica_lag_seconds", "Replica replay lag (seconds)", value=health.lag_seconds
+        )
+        yield GaugeMetricFamily(
+            "qm_replica_lag_bytes", "WAL bytes the replica has not replayed", value=health.lag_bytes
+        )
+        yield GaugeMetricFamily(
+            "qm_replica_healthy",
+            "1 while the replica answers and lags at most QM_REPLICA_MAX_LAG_S",
+            value=1.0 if health.healthy else 0.0,
+        )
+        fallbacks = CounterMetricFamily(
+            "qm_replica_read_fallbacks",
+            "Replica reads retried on the primary, by cause",
+            labels=["cause"],
+        )
+        for cause, n in health.fallbacks.items():
+            fallbacks.add_metric([cause], float(n))
+        yield fallbacks
+
+
 class Metrics:
     """All metrics of one app instance, in their own registry."""
 
@@ -94,6 +133,7 @@ class Metrics:
 
     def bind_database(self, db: Database) -> None:
         self.registry.register(_PoolCollector(db))
+        self.registry.register(_ReplicaCollector(db))
 
         def count(role: Role) -> None:
             self.statements.labels(role).inc()

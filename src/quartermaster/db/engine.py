@@ -1,8 +1,9 @@
 """Engines for the primary and the replica, and the statement counter behind /metrics and tests.
 
-Reads (queries, loaders) go through ``reader(role)``: an AUTOCOMMIT view of the engine, so a
-single SELECT costs one round trip instead of BEGIN / SELECT / ROLLBACK. Writes open their own
-transaction on ``primary``.
+Reads (queries, loaders) go through ``routed_reader(role)`` (``db/replica.py``): AUTOCOMMIT
+connections, so a single SELECT costs one round trip instead of BEGIN / SELECT / ROLLBACK, on
+the replica while the probe finds it healthy and on the primary otherwise or when a replica read
+fails. Writes open their own transaction on ``primary``; workers read through ``reader(role)``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from quartermaster.config import DatabaseSettings
+from quartermaster.db.replica import ReplicaHealth, ReplicaMonitor, RoutedReader
 
 Role = Literal["primary", "replica"]
 
@@ -66,6 +68,17 @@ class Database:
     replica: AsyncEngine
     has_replica: bool
     hooks: list[StatementHook] = field(default_factory=list)
+    #: Replica lag and reachability as last probed; decides where reads go.
+    health: ReplicaHealth = field(default_factory=ReplicaHealth)
+    #: The probe (started by the app's lifespan; workers never start it).
+    monitor: ReplicaMonitor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.health.configured = self.has_replica
+        self._autocommit = {
+            "primary": self.primary.execution_options(isolation_level="AUTOCOMMIT"),
+            "replica": self.replica.execution_options(isolation_level="AUTOCOMMIT"),
+        }
 
     @classmethod
     def connect(cls, settings: DatabaseSettings) -> Database:
@@ -77,6 +90,7 @@ class Database:
         else:
             replica = primary
         db = cls(primary=primary, replica=replica, has_replica=bool(settings.replica_url))
+        db.monitor = ReplicaMonitor(db, settings)
         db._listen(primary, "primary")
         if replica is not primary:
             db._listen(replica, "replica")
@@ -94,15 +108,29 @@ class Database:
         event.listen(engine.sync_engine, "before_cursor_execute", before_cursor_execute)
 
     def reader(self, role: Role) -> AsyncEngine:
-        """An autocommit engine view for reads through the given role."""
-        engine = self.primary if role == "primary" else self.replica
-        return engine.execution_options(isolation_level="AUTOCOMMIT")
+        """An autocommit engine view for reads through the given role (no fallback)."""
+        return self._autocommit[role]
+
+    def autocommit(self, role: Role) -> AsyncEngine:
+        return self._autocommit[role]
+
+    def routed_reader(self, role: Role) -> RoutedReader:
+        """Request reads: ``replica`` means "the replica while it is healthy"."""
+        return RoutedReader(self, role)
+
+    def read_target(self, role: Role) -> Role:
+        """The database that serves reads asked for ``role`` right now."""
+        return (
+            "replica" if role == "replica" and self.health.reads_target == "replica" else "primary"
+        )
 
     def role_of(self, role: Role) -> Role:
         """The role that actually serves ``role`` (replica falls back to primary)."""
         return role if self.has_replica else "primary"
 
     async def dispose(self) -> None:
+        if hasattr(self, "monitor"):
+            await self.monitor.aclose()
         await self.primary.dispose()
         if self.replica is not self.primary:
             await self.replica.dispose()

@@ -32,8 +32,8 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncEngine
 
+from quartermaster.db.replica import ReadSource
 from quartermaster.errors import (
     InvalidCursorError,
     InvalidPaginationError,
@@ -218,7 +218,7 @@ def page_statement(base: Select[Any], sort: Sort, args: PageArgs) -> Select[Any]
     )
 
 
-async def fetch_page(reader: AsyncEngine, base: Select[Any], sort: Sort, args: PageArgs) -> Page:
+async def fetch_page(reader: ReadSource, base: Select[Any], sort: Sort, args: PageArgs) -> Page:
     if args.limit == 0:
         _bounds(sort, args)  # still reject a bad cursor
         return Page([], [], False, False)
@@ -227,14 +227,14 @@ async def fetch_page(reader: AsyncEngine, base: Select[Any], sort: Sort, args: P
     return _make_page(rows, sort, args)
 
 
-async def fetch_count(reader: AsyncEngine, base: Select[Any]) -> int:
+async def fetch_count(reader: ReadSource, base: Select[Any]) -> int:
     stmt = select(func.count()).select_from(base.order_by(None).subquery())
     async with reader.connect() as conn:
         return int((await conn.execute(stmt)).scalar_one())
 
 
 async def fetch_pages_by_parent(
-    reader: AsyncEngine,
+    reader: ReadSource,
     base: Select[Any],
     parent_column: Any,
     parent_ids: Sequence[int],
@@ -271,7 +271,7 @@ async def fetch_pages_by_parent(
 
 
 async def fetch_counts_by_parent(
-    reader: AsyncEngine, base: Select[Any], parent_column: Any, parent_ids: Sequence[int]
+    reader: ReadSource, base: Select[Any], parent_column: Any, parent_ids: Sequence[int]
 ) -> list[int]:
     stmt = (
         base.with_only_columns(parent_column, func.count())

@@ -134,9 +134,11 @@ class EventFilter:
 def check_resumable(after: StreamId, info: dict[Any, Any] | None) -> None:
     """Raise ``CursorExpiredError`` when events after ``after`` may be gone from the stream.
 
-    ``info`` is ``XINFO STREAM`` (None when the stream does not exist). Redis 7 reports
-    ``max-deleted-entry-id``: an exact answer. Redis 6.2 does not, so there the first entry
-    decides, conservatively: a cursor older than the first entry left counts as expired.
+    ``info`` is ``XINFO STREAM`` (None when the stream does not exist). Trimming removes the
+    oldest entries, so a cursor at or after the first entry still there has lost nothing; an
+    older one has (conservatively: the entries between it and the first one may have been
+    trimmed, and neither Redis 6.2 nor 7 says whether there were any). Redis 7 also reports
+    ``max-deleted-entry-id``, which catches entries removed with ``XDEL`` after the cursor.
     A cursor ahead of the last id the stream ever generated belongs to a stream that was
     reset (Redis lost its data): expired as well.
     """
@@ -149,10 +151,8 @@ def check_resumable(after: StreamId, info: dict[Any, Any] | None) -> None:
     if after > last:
         raise _expired()
     deleted = info.get("max-deleted-entry-id")
-    if deleted is not None:
-        if stream_id(deleted) > after:
-            raise _expired()
-        return
+    if deleted is not None and stream_id(deleted) > after:
+        raise _expired()
     first = info.get("first-entry")
     if first is None:
         # Empty stream: anything generated after the cursor was trimmed.

@@ -39,6 +39,8 @@ class RenderKey:
     operation_name: str | None
     #: orjson of the variables the selection below the root field uses (sorted keys).
     variables: bytes
+    #: What the subscriber may read (role and customer): nested rows are read with it.
+    scope: Any = None
 
 
 def _count_variables(node: Any, counts: Counter[str]) -> None:
@@ -74,7 +76,15 @@ def selection_variables(
 class RenderGroup:
     """One (document, operation name, selection variables): renders each event once."""
 
-    __slots__ = ("document", "key", "operation_name", "schema", "subscribers", "variables")
+    __slots__ = (
+        "document",
+        "key",
+        "operation_name",
+        "principal",
+        "schema",
+        "subscribers",
+        "variables",
+    )
 
     def __init__(
         self,
@@ -83,12 +93,15 @@ class RenderGroup:
         document: DocumentNode,
         operation_name: str | None,
         variables: dict[str, Any],
+        principal: Any = None,
     ) -> None:
         self.key = key
         self.schema = schema
         self.document = document
         self.operation_name = operation_name
         self.variables = variables
+        #: The caller whose access rules apply to nested fields (None: the context default).
+        self.principal = principal
         self.subscribers = 0
 
     def render(self, event: StockEvent, context: Any) -> str | Awaitable[str]:
@@ -96,6 +109,7 @@ class RenderGroup:
         cached = event.rendered.get(self)
         if cached is not None:
             return cached
+        is_awaitable: Any = optimized_is_awaitable
         result = execute(
             self.schema,
             self.document,
@@ -103,11 +117,11 @@ class RenderGroup:
             context_value=context,
             variable_values=self.variables,
             operation_name=self.operation_name,
-            is_awaitable=optimized_is_awaitable,
+            is_awaitable=is_awaitable,
         )
-        if optimized_is_awaitable(result):
-            return self._finish(event, context, result)
-        return self._store(event, context, result)  # type: ignore[arg-type]
+        if isinstance(result, ExecutionResult):
+            return self._store(event, context, result)
+        return self._finish(event, context, result)
 
     async def _finish(
         self, event: StockEvent, context: Any, pending: Awaitable[ExecutionResult]
@@ -129,9 +143,20 @@ def render_key(
     operation_name: str | None,
     variables: dict[str, Any] | None,
     used: set[str],
+    scope: Any = None,
 ) -> RenderKey:
     relevant = {name: value for name, value in (variables or {}).items() if name in used}
-    return RenderKey(query, operation_name, orjson.dumps(relevant, option=orjson.OPT_SORT_KEYS))
+    variables_json = orjson.dumps(relevant, option=orjson.OPT_SORT_KEYS)
+    return RenderKey(query, operation_name, variables_json, scope)
+
+
+def access_scope(principal: Any) -> Any:
+    """The part of a caller that access rules look at: two staff members see the same rows,
+    two customers only their own."""
+    if principal is None:
+        return None
+    role = getattr(principal, "role", None)
+    return (getattr(role, "value", role), getattr(principal, "customer_id", None))
 
 
 def document_of(

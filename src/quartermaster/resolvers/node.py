@@ -7,8 +7,10 @@ import asyncio
 import strawberry
 from strawberry.types import Info
 
+from quartermaster.auth import Role as AuthRole
 from quartermaster.context import Context
 from quartermaster.errors import ApiError
+from quartermaster.schema.enums import Role
 from quartermaster.schema.node import Node, decode_any_id
 from quartermaster.schema.viewer import ViewerType
 
@@ -39,9 +41,17 @@ async def resolve_node(context: Context, global_id: str) -> Node | None:
 
 @strawberry.type
 class NodeQuery:
-    @strawberry.field(description="Null for an anonymous caller (access control comes later).")
-    def viewer(self) -> ViewerType | None:
-        return None
+    @strawberry.field(
+        description="The caller, as the bearer token says; null for an anonymous caller."
+    )
+    async def viewer(self, info: Info[Context, None]) -> ViewerType | None:
+        principal = info.context.principal
+        if principal.role is AuthRole.ANONYMOUS:
+            return None
+        customer = None
+        if principal.customer_id is not None:
+            customer = await info.context.loaders.customer_by_id.load(principal.customer_id)
+        return ViewerType(role=Role(principal.role.value), customer=customer)
 
     @strawberry.field(description="Any object by its global id, or null when there is none.")
     async def node(self, info: Info[Context, None], id: strawberry.ID) -> Node | None:

@@ -6,6 +6,7 @@ import strawberry
 from sqlalchemy.ext.asyncio import AsyncConnection
 from strawberry.types import Info
 
+from quartermaster import policy
 from quartermaster.context import Context
 from quartermaster.db.repositories.order import select_orders
 from quartermaster.resolvers.common import (
@@ -29,7 +30,7 @@ from quartermaster.schema.order import (
 )
 from quartermaster.schema.pagination import Connection, page_args, root_connection
 from quartermaster.services import order as service
-from quartermaster.services.errors import ProblemsError
+from quartermaster.services.errors import Problem, ProblemsError
 from quartermaster.services.order import LineRequest
 
 
@@ -84,6 +85,9 @@ class OrderMutation:
         discounts = ctx.settings.pricing.tier_discounts
         try:
             customer_id = input_id(input.customer_id, "Customer", "customerId")
+            refusal = policy.customer_target(ctx.principal, customer_id)
+            if refusal is not None:
+                raise ProblemsError([Problem(refusal.code, refusal.message, ("customerId",))])
             lines = line_requests(input.lines)
             order = await write_then_read(
                 ctx,

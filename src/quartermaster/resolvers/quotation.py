@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import strawberry
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -11,6 +12,7 @@ from quartermaster.db.repositories.quotation import quotation_sort, select_quota
 from quartermaster.resolvers.common import (
     input_id,
     line_product_ids,
+    require_visible,
     to_user_errors,
     transition,
     write_then_read,
@@ -134,11 +136,12 @@ class QuotationMutation:
         ctx = info.context
         try:
             pk = input_id(input.quotation_id, "Quotation", "quotationId")
-            order = await write_then_read(
-                ctx,
-                lambda conn: service.accept_quotation(conn, pk, input.idempotency_key),
-                "orders",
-            )
+
+            async def accept(conn: AsyncConnection) -> Any:
+                await require_visible(ctx, conn, "quotations", pk, "quotationId")
+                return await service.accept_quotation(conn, pk, input.idempotency_key)
+
+            order = await write_then_read(ctx, accept, "orders")
         except ProblemsError as exc:
             return OrderPayload(order=None, errors=to_user_errors(exc.problems))
         return OrderPayload(order=order, errors=[])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import structlog
@@ -11,6 +11,7 @@ from graphql import GraphQLError, GraphQLSyntaxError
 from strawberry.extensions import SchemaExtension
 from strawberry.types.graphql import OperationType
 
+from quartermaster.db.replica import TOKEN_HEADER, current_wal_lsn, encode_token
 from quartermaster.errors import ApiError
 
 log = structlog.get_logger("quartermaster.graphql")
@@ -81,15 +82,51 @@ class ErrorCodes(SchemaExtension):
 
 
 class DatabaseRouting(SchemaExtension):
-    """Mutations (and every field of their payloads) read from the primary."""
+    """Where an operation reads, and read-your-writes across requests (``db/replica.py``).
 
-    def on_execute(self) -> Iterator[None]:
+    Mutations (and every field of their payloads) read from the primary, and their response
+    carries a consistency token: the primary's WAL position after their commits, in the
+    ``X-Consistency-Token`` header and ``extensions.consistencyToken``. A query that sends the
+    token back reads from the replica only when the replica has replayed that far, else from
+    the primary. Without a token, queries read from the replica (while it is healthy).
+    """
+
+    #: Set per instance after a mutation (strawberry builds the extensions per operation).
+    token: str | None = None
+
+    async def on_execute(self) -> AsyncIterator[None]:
         context = self.execution_context.context
-        if self.execution_context.operation_type is OperationType.MUTATION and hasattr(
-            context, "use_primary"
+        db = getattr(context, "db", None)
+        operation = self.execution_context.operation_type
+        if operation is OperationType.MUTATION and hasattr(context, "use_primary"):
+            context.use_primary()
+            yield
+            if db is not None:
+                self.token = await _commit_token(db)
+                response = getattr(context, "response", None)
+                if self.token and response is not None and hasattr(response, "headers"):
+                    response.headers[TOKEN_HEADER] = self.token
+            return
+        lsn = getattr(context, "consistency_lsn", None)
+        if (
+            lsn is not None
+            and db is not None
+            and context.role == "replica"
+            and (db.read_target("replica") != "replica" or not await db.monitor.replayed(lsn))
         ):
             context.use_primary()
         yield
+
+    def get_results(self) -> dict[str, Any]:
+        return {"consistencyToken": self.token} if self.token else {}
+
+
+async def _commit_token(db: Any) -> str | None:
+    try:
+        return encode_token(await current_wal_lsn(db))
+    except Exception as exc:  # the writes are committed; only the token is missing
+        log.warning("consistency_token.unavailable", error=repr(exc))
+        return None
 
 
 class OperationMetrics(SchemaExtension):

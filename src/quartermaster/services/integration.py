@@ -43,11 +43,11 @@ class JobSpec:
 
 def jobs_for_event(outbox_id: int, topic: str, payload: dict[str, Any]) -> list[JobSpec]:
     """order.placed → INVOICE + NOTIFICATION; order.cancelled → NOTIFICATION + one SHOP_SYNC
-    of the order's products; stock.changed → SHOP_SYNC of its product.
+    of the order's products; stock.changed → SHOP_SYNC.
 
-    Stock changes of one order and one product share a key (an order reserving a product in
-    three warehouses syncs it once), and the RELEASE changes of a cancellation are covered by
-    the cancellation's own SHOP_SYNC.
+    The stock changes an order makes for one reason (its reservations, its shipment) share one
+    SHOP_SYNC of all the order's products; a change of no order (adjustStock) syncs its product;
+    the RELEASE changes of a cancellation are covered by the cancellation's own SHOP_SYNC.
     """
     if topic == "order.placed":
         order_id = int(payload["order_id"])
@@ -67,19 +67,21 @@ def jobs_for_event(outbox_id: int, topic: str, payload: dict[str, Any]) -> list[
                     None, outbox_id, {"event": topic}),
         ]  # fmt: skip
     if topic == "stock.changed":
-        product_id = int(payload["product_id"])
         of_order: int | None = payload.get("order_id")
         reason = payload.get("reason")
-        if of_order is not None and reason == "RELEASE":
-            return []
-        key = (
-            f"shop-sync:order:{of_order}:{reason}:product:{product_id}"
-            if of_order is not None
-            else f"shop-sync:stock:{outbox_id}"
-        )
+        if of_order is None:
+            product_id = int(payload["product_id"])
+            return [
+                JobSpec(IntegrationKind.SHOP_SYNC, f"shop-sync:stock:{outbox_id}", None,
+                        product_id, outbox_id, {"event": topic, "reason": reason}),
+            ]  # fmt: skip
+        if reason == "RELEASE":
+            return []  # the cancellation's own SHOP_SYNC covers these
+        # Every change an order makes with one reason (its reservations, its shipment) is one
+        # job that pushes all of the order's products.
         return [
-            JobSpec(IntegrationKind.SHOP_SYNC, key, of_order, product_id, outbox_id,
-                    {"event": topic, "reason": reason}),
+            JobSpec(IntegrationKind.SHOP_SYNC, f"shop-sync:order:{of_order}:{reason}", of_order,
+                    None, outbox_id, {"event": topic, "reason": reason}),
         ]  # fmt: skip
     return []
 

@@ -191,6 +191,11 @@ class Worker:
             started = 0
             for stream, entries in reply or []:
                 for entry_id, fields in entries:
+                    if started >= free:
+                        # COUNT is per stream: up to `free` entries from *each* stream can come
+                        # back. Every running job must hold a slot (it releases one when done),
+                        # or the semaphore grows past `concurrency` without bound.
+                        await self._slots.acquire()
                     self._start(_s(stream), _s(entry_id), fields)
                     started += 1
             for _ in range(free - started):
@@ -236,7 +241,7 @@ class Worker:
 
     def _start(self, stream: str, entry_id: str, raw: dict[Any, Any]) -> None:
         fields = {_s(k): _s(v) for k, v in raw.items()}
-        task = asyncio.create_task(self._process(stream, entry_id, fields))
+        task = asyncio.create_task(self._process_safely(stream, entry_id, fields))
         self._inflight[task] = (stream, entry_id, fields)
         task.add_done_callback(self._finished)
 
@@ -245,6 +250,20 @@ class Worker:
         self._slots.release()
         if not task.cancelled() and task.exception() is not None:
             log.error("worker.job_crashed", error=repr(task.exception()))
+
+    async def _process_safely(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
+        """``_process``, and when the database or Redis fails around the partner call (reading
+        the job, recording its outcome), try again in a few seconds without spending an
+        attempt. Should even that fail, the entry stays pending and ``XAUTOCLAIM`` brings it
+        back after ``claim_idle_s``: it is never lost."""
+        try:
+            await self._process(stream, entry_id, fields)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("job.infrastructure_error", entry=entry_id, stream=stream, error=repr(exc))
+            with contextlib.suppress(Exception):
+                await self._reschedule(stream, entry_id, fields, 2.0 + self.rng.uniform(0, 1))
 
     async def _process(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
         kind = IntegrationKind(fields["kind"])
@@ -286,7 +305,7 @@ class Worker:
             await self._failed(stream, entry_id, fields, job, f"{type(exc).__name__}: {exc}", None)
             return
         breaker.success()
-        async with self.db.primary.begin() as conn:
+        async with self.db.reader("primary").connect() as conn:  # autocommit: 1 round trip
             await repo.finish_attempt(
                 conn, job_id, IntegrationStatus.SUCCEEDED, external_ref=external_ref
             )
@@ -314,7 +333,7 @@ class Worker:
         if retry_after is not None:
             delay = max(delay, retry_after)
         due = datetime.now(UTC) + timedelta(seconds=delay)
-        async with self.db.primary.begin() as conn:
+        async with self.db.reader("primary").connect() as conn:  # autocommit: 1 round trip
             await repo.finish_attempt(
                 conn, job.id, IntegrationStatus.FAILED, error=error, next_attempt_at=due
             )
@@ -329,8 +348,13 @@ class Worker:
         self, stream: str, entry_id: str, fields: dict[str, str], job: Any, error: str
     ) -> None:
         kind = IntegrationKind(fields["kind"])
-        async with self.db.primary.begin() as conn:
-            await repo.finish_attempt(conn, job.id, IntegrationStatus.DEAD, error=error)
+        async with self.db.reader("primary").connect() as conn:  # autocommit: 1 round trip
+            updated = await repo.finish_attempt(conn, job.id, IntegrationStatus.DEAD, error=error)
+        if updated is None:
+            # Another delivery of this job succeeded meanwhile: nothing is dead.
+            await self.redis.xack(stream, WORKER_GROUP, entry_id)
+            self._count(kind, "duplicate")
+            return
         pipe = self.redis.pipeline(transaction=True)
         dead: dict[Any, Any] = {**fields, "error": error[:1000]}
         pipe.xadd(DEAD_LETTER_STREAM, dead, maxlen=100_000)

@@ -69,7 +69,11 @@ async def shop_sync(db: Database, clients: Clients, job: Any) -> str | None:
         products = await service.products_to_sync(conn, job)
     several = len(products) > 1
     for product in products:
-        key = f"{job.idempotency_key}:{product.sku}" if several else job.idempotency_key
+        base = f"{job.idempotency_key}:{product.sku}" if several else job.idempotency_key
+        # The figure is read now, so it belongs to the key: a repeat of the same figure is a
+        # replay, a newer one after a lost answer (timeout, crashed worker) is a new absolute
+        # push, never the same key with another body (409 from an idempotent partner → DEAD).
+        key = f"{base}:available={product.available}"
         await clients.shop.push_availability(
             AvailabilityUpdate(product_id=product.id, sku=product.sku, available=product.available),
             key,

@@ -225,6 +225,11 @@ async def replay(
             if not rows:
                 return events, jobs_enqueued
             jobs = await repo.upsert_jobs(conn, [s.as_row() for s in jobs_for_events(rows)])
+            # Jobs put back by retryIntegrationJob (job.retry events), as the relay does; their
+            # order's event may be older than `since` or already deleted.
+            seen = {j.id for j in jobs}
+            retried = await repo.jobs_by_ids(conn, retried_job_ids(rows))
+            jobs += [j for j in retried if j.id not in seen]
         wanted = (IntegrationStatus.PENDING, IntegrationStatus.FAILED)
         await publish(redis, rows, jobs, settings, statuses=wanted)
         events += len(rows)

@@ -6,12 +6,11 @@ never share a connection or session.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cached_property
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, Select, Table, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quartermaster.db.loaders.base import (
     Convert,
@@ -33,6 +32,7 @@ from quartermaster.db.models import (
     Warehouse,
 )
 from quartermaster.db.pagination import PageArgs, Sort
+from quartermaster.db.replica import ReadSource
 from quartermaster.db.repositories.stock import (
     allocations_with_warehouse,
     stock_levels_with_warehouse,
@@ -50,25 +50,48 @@ quotation_lines = cast(Table, QuotationLine.__table__)
 integration_jobs = cast(Table, IntegrationJob.__table__)
 
 
+#: Restricts a statement reading the named table to the rows the caller may see
+#: (``quartermaster.policy.scope`` bound to the request's principal).
+Scope = Callable[[str, Select[Any]], Select[Any]]
+
+
+def table_name(stmt: Select[Any]) -> str:
+    """The table a loader or connection statement reads (the leftmost of its FROM)."""
+    for source in stmt.get_final_froms():
+        while hasattr(source, "left"):
+            source = source.left
+        name = getattr(source, "name", None)
+        if isinstance(name, str):
+            return name
+    raise LookupError("statement reads no table")
+
+
 class Loaders:
     """All loaders of one request, created lazily on first use."""
 
     def __init__(
         self,
-        reader: AsyncEngine,
+        reader: ReadSource,
         batch: bool = True,
         convert: Mapping[str, Convert] | None = None,
+        scope: Scope | None = None,
     ) -> None:
         """``convert`` maps a table name to what its rows become (e.g. the GraphQL type), so
-        a loaded value can be handed to the client without another await."""
+        a loaded value can be handed to the client without another await. ``scope`` filters
+        every statement to the rows the caller may read, so a row someone may not see loads
+        as missing (None, or absent from a list)."""
         self.reader = reader
         self.batch = batch
         self.convert = convert or {}
+        self.scope = scope
         self._pages: dict[str, PageByParentLoader] = {}
         self._counts: dict[str, CountByParentLoader] = {}
 
+    def _scoped(self, table: str, stmt: Select[Any]) -> Select[Any]:
+        return self.scope(table, stmt) if self.scope is not None else stmt
+
     def _one(self, table: Any, column: Any, stmt: Select[Any] | None = None) -> OneByKeyLoader:
-        stmt = stmt if stmt is not None else select(table)
+        stmt = self._scoped(table.name, stmt if stmt is not None else select(table))
         return OneByKeyLoader(
             self.reader, stmt, column, batch=self.batch, convert=self.convert.get(table.name)
         )
@@ -76,7 +99,7 @@ class Loaders:
     def _many(
         self, table: Any, column: Any, *order_by: Any, stmt: Select[Any] | None = None
     ) -> ManyByKeyLoader:
-        stmt = stmt if stmt is not None else select(table)
+        stmt = self._scoped(table.name, stmt if stmt is not None else select(table))
         return ManyByKeyLoader(
             self.reader,
             stmt,
@@ -181,7 +204,12 @@ class Loaders:
         loader = self._pages.get(key)
         if loader is None:
             loader = PageByParentLoader(
-                self.reader, base, parent_column, sort, args, batch=self.batch
+                self.reader,
+                self._scoped(table_name(base), base),
+                parent_column,
+                sort,
+                args,
+                batch=self.batch,
             )
             self._pages[key] = loader
         return loader
@@ -192,6 +220,8 @@ class Loaders:
         key = repr((name, spec))
         loader = self._counts.get(key)
         if loader is None:
-            loader = CountByParentLoader(self.reader, base, parent_column, batch=self.batch)
+            loader = CountByParentLoader(
+                self.reader, self._scoped(table_name(base), base), parent_column, batch=self.batch
+            )
             self._counts[key] = loader
         return loader

@@ -9,7 +9,6 @@ from typing import Any
 from aiodataloader import DataLoader
 from sqlalchemy import ColumnElement, Select
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from quartermaster.db.pagination import (
     Page,
@@ -18,9 +17,10 @@ from quartermaster.db.pagination import (
     fetch_counts_by_parent,
     fetch_pages_by_parent,
 )
+from quartermaster.db.replica import ReadSource
 
 
-async def fetch_rows(reader: AsyncEngine, stmt: Select[Any]) -> Sequence[Row[Any]]:
+async def fetch_rows(reader: ReadSource, stmt: Select[Any]) -> Sequence[Row[Any]]:
     async with reader.connect() as conn:
         return (await conn.execute(stmt)).all()
 
@@ -38,7 +38,7 @@ class OneByKeyLoader(DataLoader[Hashable, Any]):
 
     def __init__(
         self,
-        reader: AsyncEngine,
+        reader: ReadSource,
         stmt: Select[Any],
         column: ColumnElement[Any],
         batch: bool = True,
@@ -63,7 +63,7 @@ class ManyByKeyLoader(DataLoader[int, list[Any]]):
 
     def __init__(
         self,
-        reader: AsyncEngine,
+        reader: ReadSource,
         stmt: Select[Any],
         column: ColumnElement[Any],
         order_by: Sequence[ColumnElement[Any]],
@@ -91,7 +91,7 @@ class PageByParentLoader(DataLoader[int, Page]):
 
     def __init__(
         self,
-        reader: AsyncEngine,
+        reader: ReadSource,
         base: Select[Any],
         parent_column: ColumnElement[Any],
         sort: Sort,
@@ -116,7 +116,7 @@ class CountByParentLoader(DataLoader[int, int]):
 
     def __init__(
         self,
-        reader: AsyncEngine,
+        reader: ReadSource,
         base: Select[Any],
         parent_column: ColumnElement[Any],
         batch: bool = True,

@@ -18,10 +18,15 @@ _RETRYABLE = (IntegrationStatus.FAILED, IntegrationStatus.DEAD)
 
 # Only rows whose transaction is older than every transaction still running: a row that is not
 # visible yet can then never turn up behind one already published (commit order, no gaps).
+# The horizon is server-wide, so one long or idle-in-transaction session anywhere would stall
+# publication: rows that waited ``max_wait_s`` go anyway (order then holds per stock level and
+# per order, which row locks guarantee, but not across unrelated transactions).
 _CLAIM_SQL = text(
     """
 SELECT id, topic, key, payload, created_at FROM outbox
-WHERE published_at IS NULL AND txid < pg_snapshot_xmin(pg_current_snapshot())
+WHERE published_at IS NULL
+  AND (txid < pg_snapshot_xmin(pg_current_snapshot())
+       OR created_at < now() - make_interval(secs => :max_wait_s))
 ORDER BY id
 LIMIT :limit
 FOR UPDATE SKIP LOCKED
@@ -29,8 +34,10 @@ FOR UPDATE SKIP LOCKED
 )
 
 
-async def claim_outbox_batch(conn: AsyncConnection, limit: int) -> list[Row[Any]]:
-    return list((await conn.execute(_CLAIM_SQL, {"limit": limit})).all())
+async def claim_outbox_batch(
+    conn: AsyncConnection, limit: int, max_wait_s: float = 5.0
+) -> list[Row[Any]]:
+    return list((await conn.execute(_CLAIM_SQL, {"limit": limit, "max_wait_s": max_wait_s})).all())
 
 
 async def mark_published(conn: AsyncConnection, ids: Sequence[int]) -> None:

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, select
+from sqlalchemy import Row, Select, Table, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from quartermaster.db.models import Warehouse
 from quartermaster.db.pagination import Sort
@@ -27,3 +29,10 @@ def warehouse_columns() -> list[Any]:
 
 def select_warehouses() -> Select[Any]:
     return select(warehouses)
+
+
+async def warehouses_by_ids(conn: AsyncConnection, ids: Sequence[int]) -> Sequence[Row[Any]]:
+    """Warehouse rows by id (live stock events carry only the id), unscoped: the caller is
+    the server itself."""
+    result = await conn.execute(select(warehouses).where(warehouses.c.id.in_(list(ids))))
+    return result.all()

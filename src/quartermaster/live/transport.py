@@ -1,0 +1,135 @@
+"""Our graphql-transport-ws handler: strawberry's, plus the hooks live subscriptions need.
+
+- every operation runs with ``LIVE_OPERATION`` set, so the ``stockChanged`` resolver can
+  hand its subscription to the hub as pre-rendered frames (``live/subscription.py``)
+  instead of yielding objects that strawberry would execute per subscriber;
+- the connection's frame writer (``LiveConnection``) is created on first use and stopped
+  with the connection;
+- the subscription cap answers with ``extensions.code = TOO_MANY_SUBSCRIPTIONS``, and errors
+  raised before a subscription starts carry their codes like every other error;
+- protocol messages go out as text frames (the view's JSON encoder returns bytes).
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.websockets import WebSocketDisconnect
+from strawberry.http.exceptions import WebSocketDisconnected
+from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
+    BaseGraphQLTransportWSHandler,
+    Operation,
+)
+from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
+    Message,
+    SubscribeMessage,
+)
+from strawberry.types.execution import PreExecutionError
+
+from quartermaster.live.connection import LiveConnection
+from quartermaster.schema.extensions import normalize_error
+
+
+@dataclass(frozen=True, slots=True)
+class LiveOperation:
+    handler: LiveTransportWSHandler
+    operation: Operation[Any, Any]
+
+    def finish(self) -> None:
+        """The subscription ended server-side and its last frame is on its way: no
+        ``complete`` after it, and the id is free again."""
+        operation = self.operation
+        operation.completed = True
+        if self.handler.operations.get(operation.id) is operation:
+            del self.handler.operations[operation.id]
+
+
+def bearer_token(params: dict[str, Any]) -> str | None:
+    """The token of a ``connection_init`` payload, if it carries one."""
+    token = params.get("token")
+    if isinstance(token, str) and token:
+        return token
+    for name in ("Authorization", "authorization"):
+        value = params.get(name)
+        if isinstance(value, str) and value[:7].lower() == "bearer " and value[7:].strip():
+            return value[7:].strip()
+    return None
+
+
+#: The graphql-transport-ws operation the current task runs (None elsewhere).
+LIVE_OPERATION: ContextVar[LiveOperation | None] = ContextVar("qm_live_operation", default=None)
+
+
+class LiveTransportWSHandler(BaseGraphQLTransportWSHandler[Any, Any]):
+    _live: LiveConnection | None = None
+
+    def live_connection(self, hub: Any) -> LiveConnection:
+        if self._live is None:
+            ws = getattr(self.websocket, "ws", None)
+            if ws is None:  # pragma: no cover - only the ASGI adapter is used
+                raise RuntimeError("live subscriptions need the ASGI WebSocket adapter")
+            self._live = LiveConnection(
+                send=ws.send_text,
+                close=self.websocket.close,
+                queue_size=hub.queue_size,
+                on_fail=hub.drop_connection,
+                on_slow=hub.metrics.slow_closes.inc,
+            )
+        return self._live
+
+    async def handle_subscribe(self, message: SubscribeMessage) -> None:
+        limit = self.max_subscriptions_per_connection
+        if (
+            self.connection_acknowledged
+            and limit is not None
+            and message["id"] not in self.operations
+            and len(self.operations) >= limit
+        ):
+            await self.send_message(
+                {
+                    "id": message["id"],
+                    "type": "error",
+                    "payload": [
+                        {
+                            "message": f"At most {limit} operations may run on one connection.",
+                            "extensions": {"code": "TOO_MANY_SUBSCRIPTIONS", "limit": limit},
+                        }
+                    ],
+                }
+            )
+            return
+        await super().handle_subscribe(message)
+
+    async def send_message(self, message: Message) -> None:
+        # Text frames, as the protocol wants: the view's JSON encoder returns bytes, which
+        # strawberry would send as binary frames that browser clients cannot parse.
+        ws = getattr(self.websocket, "ws", None)
+        if ws is None:  # pragma: no cover - only the ASGI adapter is used
+            await super().send_message(message)
+            return
+        try:
+            await ws.send_text(orjson.dumps(message).decode())
+        except WebSocketDisconnect as exc:
+            raise WebSocketDisconnected from exc
+
+    async def run_operation(self, operation: Operation[Any, Any]) -> None:
+        token = LIVE_OPERATION.set(LiveOperation(self, operation))
+        try:
+            await super().run_operation(operation)
+        finally:
+            LIVE_OPERATION.reset(token)
+
+    async def _handle_pre_execution_error(
+        self, operation: Operation[Any, Any], result: PreExecutionError
+    ) -> None:
+        request_id = getattr(self.context, "request_id", None)
+        result.errors = [normalize_error(e, request_id) for e in result.errors or []]
+        await super()._handle_pre_execution_error(operation, result)
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        if self._live is not None:
+            await self._live.aclose()
