@@ -345,6 +345,7 @@ def run_scenario(
     name: str,
     args: argparse.Namespace,
     server: Server,
+    writer: Server,
     relay_pid: int,
     levels: list[tuple[int, int]],
     warehouses: list[int],
@@ -352,6 +353,9 @@ def run_scenario(
 ) -> dict[str, Any]:
     from quartermaster.schema.node import encode_id
 
+    label = name
+    name, _, at = label.partition("@")  # e.g. all@20: the `all` scenario at 20 changes/s
+    rate = float(at) if at else args.rate
     subscribers = 0 if name == "none" else args.subscribers
     clients = args.clients if subscribers else 0
     plans: list[list[tuple[int, int, dict[str, Any]]]] = [[] for _ in range(clients)]
@@ -377,24 +381,26 @@ def run_scenario(
             if not pipe.poll(120):
                 raise SystemExit("a client process did not get its subscriptions up in 120 s")
             assert pipe.recv() == "ready"
-        log(f"[{name}] {subscribers} subscribers connected; warm-up {args.warmup:.0f} s")
+        log(f"[{label}] {subscribers} subscribers connected; warm-up {args.warmup:.0f} s")
         time.sleep(1.0)  # the last subscriptions register with the hub
         done: dict[tuple[str, int], float] = {}
         failures: list[str] = []
-        asyncio.run(drive(server.base, levels, args.rate, args.warmup, {}, failures, token))
+        asyncio.run(drive(writer.base, levels, rate, args.warmup, {}, failures, token))
         before = metrics_of(server.base)
         cpu0 = {
             "server": server.cpu_seconds(),
+            "writer": writer.cpu_seconds(),
             "relay": tree_cpu(relay_pid),
             "clients": sum(tree_cpu(p.pid or 0) for p in procs),
         }
         machine0 = psutil.cpu_times()
         t0 = time.time()
-        log(f"[{name}] measuring {args.duration:.0f} s at {args.rate:g} changes/s")
-        asyncio.run(drive(server.base, levels, args.rate, args.duration, done, failures, token))
+        log(f"[{label}] measuring {args.duration:.0f} s at {rate:g} changes/s")
+        asyncio.run(drive(writer.base, levels, rate, args.duration, done, failures, token))
         t1 = time.time()
         cpu1 = {
             "server": server.cpu_seconds(),
+            "writer": writer.cpu_seconds(),
             "relay": tree_cpu(relay_pid),
             "clients": sum(tree_cpu(p.pid or 0) for p in procs),
         }
@@ -427,10 +433,10 @@ def run_scenario(
     )
     deltas = {k: after[k] - before[k] for k in after}
     row = {
-        "scenario": name,
+        "scenario": label,
         "subscribers": subscribers,
         "client_processes": clients,
-        "rate_target": args.rate,
+        "rate_target": rate,
         "changes": events,
         "changes_per_s": events / seconds,
         "deliveries_per_s": delivered / seconds,
@@ -456,6 +462,9 @@ def run_scenario(
         },
         "server_cpu_s_per_s": (cpu1["server"] - cpu0["server"]) / seconds,
         "relay_cpu_s_per_s": (cpu1["relay"] - cpu0["relay"]) / seconds,
+        "writer_cpu_s_per_s": (cpu1["writer"] - cpu0["writer"]) / seconds
+        if writer is not server
+        else None,
         "clients_cpu_s_per_s": (cpu1["clients"] - cpu0["clients"]) / seconds,
         "machine_busy_cores": busy / seconds,
         "server_cpu_s": cpu1["server"] - cpu0["server"],
@@ -469,7 +478,7 @@ def run_scenario(
         "client_error_count": sum(r["error_count"] for r in reports),
     }
     log(
-        f"[{name}] {row['deliveries_per_s']:.0f} deliveries/s, p50/p99 "
+        f"[{label}] {row['deliveries_per_s']:.0f} deliveries/s, p50/p99 "
         f"{row['latency_from_occurredAt_ms']['p50']:.1f}/"
         f"{row['latency_from_occurredAt_ms']['p99']:.1f} ms from occurredAt, "
         f"{row['latency_from_xadd_ms']['p50']:.1f}/{row['latency_from_xadd_ms']['p99']:.1f} ms "
@@ -497,11 +506,17 @@ def write_results(meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         meta["command"],
         "```",
         "",
-        f"One server process, one relay process (`quartermaster worker --only-relay`, "
+        "The subscribers' server process (`quartermaster serve`, one uvicorn worker)"
+        + (
+            ", a second server instance that takes the mutations"
+            if meta["writes_via"] == "other"
+            else ""
+        )
+        + f", one relay process (`quartermaster worker --only-relay`, "
         f"`QM_RELAY_POLL_S={meta['relay_poll_s']}`), {meta['clients']} client processes, "
-        f"PostgreSQL and Redis on the same 2-core machine. Each change is an `adjustStock` "
-        "(`RECEIPT`, +1) sent through the server by an open-loop driver; the event goes through "
-        "the outbox, the relay, the Redis stream and the hub to every matching subscriber.",
+        "PostgreSQL and Redis, all on the same 2-core machine. Each change is an `adjustStock` "
+        "(`RECEIPT`, +1) sent by an open-loop driver; the event goes through the outbox, the "
+        "relay, the Redis stream and the hub to every matching subscriber.",
         "",
         "| scenario | subscribers | changes/s | deliveries/s | delivered / expected | "
         "commit→client p50 / p99 / max ms | response→client p50 / p99 ms | "
@@ -538,8 +553,13 @@ def write_results(meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         "- *XADD→client*: from the stream entry's own timestamp (the ms part of the "
         "cursor, set by Redis when the relay added it) to the client: the hub, the "
         "render, the WebSocket writes and the client, without the relay's share.",
-        "- *server CPU*: CPU seconds of the server process per second (the mutations "
-        "included; the `none` row is the same load with no subscriber).",
+        "- *server CPU*: CPU seconds per second of the server process the subscribers are "
+        "connected to"
+        + (
+            " (the mutations go to a second instance, as they would behind a load balancer)."
+            if meta["writes_via"] == "other"
+            else " (the mutations included; the `none` row is that load without subscribers)."
+        ),
         "- *renders/event*: selections executed per stock event (hub metric "
         "`qm_live_renders_total` / `qm_live_events_total`). Without render groups it "
         "would be the number of matching subscribers.",
@@ -547,17 +567,20 @@ def write_results(meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     ]
     lines += ["Other figures per scenario:", ""]
     base = next((r for r in rows if r["scenario"] == "none" and r["changes"]), None)
-    per_change = base["server_cpu_s"] / base["changes"] if base else None
+    per_change = 0.0
+    if meta["writes_via"] == "same" and base:
+        per_change = base["server_cpu_s"] / base["changes"]
     for r in rows:
         fan_out = ""
-        if per_change is not None and r["delivered"]:
+        if r["delivered"]:
             net = r["server_cpu_s"] - per_change * r["changes"]
-            r["server_us_per_delivery_net"] = net / r["delivered"] * 1e6
-            fan_out = (
-                f"server CPU for the fan-out (its CPU minus {per_change * 1000:.1f} ms per "
-                f"change, the `none` row's cost of a mutation): "
-                f"{r['server_us_per_delivery_net']:.1f} µs per delivery; "
-            )
+            r["server_us_per_delivery"] = net / r["delivered"] * 1e6
+            fan_out = f"subscriber server {r['server_us_per_delivery']:.1f} µs CPU per delivery"
+            if per_change:
+                fan_out += f" (net of {per_change * 1000:.1f} ms per mutation)"
+            fan_out += "; "
+        if r.get("writer_cpu_s_per_s") is not None:
+            fan_out += f"mutation server {r['writer_cpu_s_per_s']:.2f} cores; "
         lines.append(
             f"- `{r['scenario']}`: {fan_out}relay {r['relay_cpu_s_per_s']:.2f} cores, clients "
             f"{r['clients_cpu_s_per_s']:.2f} cores, whole machine {r['machine_busy_cores']:.2f} "
@@ -585,11 +608,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=50.0, help="stock changes per second")
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--warmup", type=float, default=5.0)
-    p.add_argument("--scenarios", default="none,all,mixed")
+    p.add_argument("--scenarios", default="none,all,all@20,mixed")
     p.add_argument("--sample-every", type=int, default=10)
     p.add_argument("--products", type=int, default=2000)
     p.add_argument("--warehouses", type=int, default=5)
     p.add_argument("--reuse", action="store_true")
+    p.add_argument(
+        "--writes-via",
+        choices=("other", "same"),
+        default="other",
+        help="send the mutations to a second server instance (default) or to the subscribers' one",
+    )
     return p.parse_args()
 
 
@@ -643,6 +672,10 @@ def main() -> int:
     log(f"logs in {logdir}")
     os.environ.update({"QM_REDIS_URL": args.redis_url, "QM_PUBLIC_CATALOGUE": "true"})
     server = Server("dataloaders", url, logdir)
+    writer = server
+    if args.writes_via == "other":
+        (logdir / "writer").mkdir()
+        writer = Server("dataloaders", url, logdir / "writer")
     relay_log = (logdir / "relay.log").open("wb")
     relay = subprocess.Popen(
         ["uv", "run", "quartermaster", "worker", "--only-relay"],
@@ -656,11 +689,16 @@ def main() -> int:
     rows = []
     try:
         server.wait_healthy()
+        writer.wait_healthy()
         for name in args.scenarios.split(","):
-            rows.append(run_scenario(name, args, server, relay.pid, levels, warehouses, token))
+            rows.append(
+                run_scenario(name, args, server, writer, relay.pid, levels, warehouses, token)
+            )
             time.sleep(2)
     finally:
         server.stop()
+        if writer is not server:
+            writer.stop()
         relay.terminate()
         try:
             relay.wait(15)
@@ -674,6 +712,7 @@ def main() -> int:
         "load_before": load_before,
         "command": "uv run python bench/subscriptions.py" + (f" {argv}" if argv else ""),
         "relay_poll_s": os.environ.get("QM_RELAY_POLL_S", "0.02"),
+        "writes_via": args.writes_via,
         "clients": args.clients,
         "sample_every": args.sample_every,
         "notes": [],

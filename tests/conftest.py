@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 from starlette.applications import Starlette
 
 from quartermaster.app import create_app
+from quartermaster.auth import Role, mint_token
 from quartermaster.config import DatabaseSettings, RedisSettings, Settings, normalize_database_url
 from quartermaster.db.migrate import upgrade
 from quartermaster.db.seed import SeedConfig, seed_database
@@ -142,10 +143,26 @@ async def app(database_url: str, redis_url: str) -> AsyncIterator[Starlette]:
         yield application
 
 
+def bearer(
+    role: str = "ADMIN", customer_id: int | None = None, ttl_s: int = 3600
+) -> dict[str, str]:
+    """An ``Authorization`` header for ``role``, signed with the secret the servers under test
+    use (QM_AUTH_SECRET, or the development secret)."""
+    secret = Settings.from_env().access.token_secret(production=False)
+    token = mint_token(secret, Role(role), customer_id=customer_id, ttl_s=ttl_s)
+    return {"Authorization": f"Bearer {token}"}
+
+
+#: What most tests send: an ADMIN may do everything (tests/test_access.py covers the roles).
+ADMIN = bearer("ADMIN", ttl_s=24 * 3600)
+
+
 @pytest_asyncio.fixture(scope="session")
 async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", headers=ADMIN
+    ) as http:
         yield http
 
 

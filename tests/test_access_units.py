@@ -44,7 +44,7 @@ def test_expired_tampered_and_foreign_tokens_are_refused_with_clear_codes() -> N
 
     header, _payload, signature = mint_token(SECRET, Role.CUSTOMER, customer_id=1).split(".")
     forged_claims = jwt.encode(
-        {"role": "ADMIN", "sub": "x", "iat": 1, "exp": 2**31, "iss": "quartermaster"}, "other"
+        {"role": "ADMIN", "sub": "x", "iat": 1, "exp": 2**31, "iss": "quartermaster"}, "o" * 40
     ).split(".")[1]
     with pytest.raises(AuthenticationError) as info:
         decode_token(SECRET, f"{header}.{forged_claims}.{signature}")

@@ -338,8 +338,12 @@ HTTP_CASES = [  # (case, body, content type, a word of the message); all are 400
     ("no-query", b"{}", JSON, "query"),
     ("query-not-string", b'{"query": 5}', JSON, "query"),
     ("variables-not-object", b'{"query": "{ __typename }", "variables": [1]}', JSON, "variables"),
-    ("text-plain", b"{ __typename }", "text/plain", "content type"),
-    ("form", b"query={ __typename }", "application/x-www-form-urlencoded", "content type"),
+]
+#: Bodies a browser may send cross-site without a preflight: refused (CSRF), 415.
+CSRF_CASES = [
+    ("text-plain", b"{ __typename }", "text/plain"),
+    ("form", b"query={ __typename }", "application/x-www-form-urlencoded"),
+    ("multipart", b"--x\r\n\r\n--x--", "multipart/form-data; boundary=x"),
 ]
 
 
@@ -354,6 +358,17 @@ async def test_malformed_http_requests(
     response = await raw(client, content, content_type)
     assert response.status_code == 400, response.text
     expect(error_of(response), "BAD_REQUEST", mention)
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"), [c[1:] for c in CSRF_CASES], ids=[c[0] for c in CSRF_CASES]
+)
+async def test_simple_cross_site_bodies_are_refused(
+    client: httpx.AsyncClient, content: bytes, content_type: str
+) -> None:
+    response = await raw(client, content, content_type)
+    assert response.status_code == 415, response.text
+    expect(error_of(response), "UNSUPPORTED_MEDIA_TYPE", "application/json")
 
 
 async def test_get_never_runs_a_mutation(client: httpx.AsyncClient, db: asyncpg.Pool) -> None:

@@ -44,6 +44,17 @@ def _wait_for_url(process: subprocess.Popen[str], timeout: float = 120) -> tuple
     raise AssertionError("dev did not print its URL:\n" + "".join(seen))
 
 
+def _read_token(process: subprocess.Popen[str]) -> str:
+    """The first bearer token dev prints after its address (the STAFF one)."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        match = re.search(r"Bearer ([\w.-]+)", process.stdout.readline())
+        if match:
+            return match.group(1)
+    raise AssertionError("dev printed no token")
+
+
 def _stop(process: subprocess.Popen[str], signum: int = signal.SIGINT) -> str:
     process.send_signal(signum)
     out, _ = process.communicate(timeout=30)
@@ -73,8 +84,13 @@ def test_dev_starts_everything_seeds_once_and_stops_on_ctrl_c(tmp_path: Path) ->
         query = (
             "{ orders(first: 2) { totalCount edges { node { number } } } products { totalCount } }"
         )
+        token = _read_token(process)
         # The address is printed once the socket listens: the first request must succeed.
-        response = httpx.post(url, json={"query": query}, timeout=5)
+        anonymous = httpx.post(url, json={"query": query}, timeout=5).json()
+        assert anonymous["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+        response = httpx.post(
+            url, json={"query": query}, headers={"Authorization": f"Bearer {token}"}, timeout=5
+        )
         data = response.json()["data"]
         assert data["orders"]["totalCount"] == 5000
         assert data["products"]["totalCount"] == 2000

@@ -13,7 +13,7 @@ import websockets
 
 from quartermaster.app import create_app
 from quartermaster.db.loaders import Loaders
-from tests.conftest import make_settings
+from tests.conftest import ADMIN, make_settings
 from tests.servers import running_server
 
 PING = "{ warehouses(first: 1) { totalCount } }"
@@ -101,7 +101,9 @@ async def test_ready_names_the_failing_part(database_url: str) -> None:
     app = create_app(settings, configure_logs=False)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=ADMIN
+        ) as http:
             response = await http.get("/health/ready")
     assert response.status_code == 503
     assert response.json()["failing"] == ["redis"]
@@ -161,7 +163,9 @@ async def test_introspection_suggestions_and_graphiql_can_be_switched_off(
     app = create_app(settings, configure_logs=False)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=ADMIN
+        ) as http:
             introspection = await http.post(
                 "/graphql", json={"query": "{ __schema { types { name } } }"}
             )

@@ -26,6 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
 
 from quartermaster.app import create_app
+from quartermaster.auth import Role, mint_token
 from quartermaster.db.engine import Database
 from quartermaster.db.migrate import upgrade
 from quartermaster.db.replica import (
@@ -109,13 +110,9 @@ def replica_settings(pair: ReplicatedPostgres, redis_url: str, **database: Any) 
 
 
 def auth_headers(settings: Any) -> dict[str, str]:
-    """A staff bearer token when the server has access rules (``quartermaster.auth``)."""
-    try:
-        from quartermaster.auth import Role, mint_token
-    except ImportError:
-        return {}
+    """An ADMIN bearer token (the tests use updateProduct, an ADMIN mutation)."""
     secret = settings.access.token_secret(production=False)
-    return {"Authorization": "Bearer " + mint_token(secret, Role.STAFF)}
+    return {"Authorization": "Bearer " + mint_token(secret, Role.ADMIN)}
 
 
 @pytest_asyncio.fixture(scope="module")

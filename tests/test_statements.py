@@ -12,7 +12,7 @@ import pytest_asyncio
 from starlette.applications import Starlette
 
 from quartermaster.app import create_app
-from tests.conftest import gql, make_settings
+from tests.conftest import ADMIN, gql, make_settings
 
 NESTED_ORDERS = """
 query Orders($n: Int) {
@@ -106,7 +106,9 @@ async def replica_app(database_url: str, redis_url: str) -> AsyncIterator[Starle
 @pytest_asyncio.fixture(scope="module")
 async def replica_client(replica_app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=replica_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", headers=ADMIN
+    ) as http:
         yield http
 
 

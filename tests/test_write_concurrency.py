@@ -21,7 +21,7 @@ import pytest_asyncio
 from quartermaster.db.migrate import upgrade
 from quartermaster.db.seed import check_invariants
 from quartermaster.schema.node import decode_any_id, encode_id
-from tests.conftest import asyncpg_kwargs
+from tests.conftest import ADMIN, asyncpg_kwargs
 from tests.servers import running_server
 
 Json = dict[str, Any]
@@ -56,6 +56,7 @@ class Live:
     def http(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             base_url=self.base,
+            headers=ADMIN,
             timeout=httpx.Timeout(60.0),
             limits=httpx.Limits(max_connections=250, max_keepalive_connections=250),
         )

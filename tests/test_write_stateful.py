@@ -32,7 +32,7 @@ from hypothesis.stateful import (
 from quartermaster.db.migrate import upgrade
 from quartermaster.db.seed import check_invariants
 from quartermaster.schema.node import decode_any_id, encode_id
-from tests.conftest import asyncpg_kwargs
+from tests.conftest import ADMIN, asyncpg_kwargs
 from tests.servers import running_server
 
 Json = dict[str, Any]
@@ -458,7 +458,7 @@ class WriteMachine(RuleBasedStateMachine):
 
 
 def test_random_write_sequences_keep_the_books_straight(stage: Stage) -> None:
-    with httpx.Client(base_url=stage.base, timeout=30.0) as http:
+    with httpx.Client(base_url=stage.base, headers=ADMIN, timeout=30.0) as http:
         run_state_machine_as_test(
             lambda: WriteMachine(stage, http),
             settings=settings(

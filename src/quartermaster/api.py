@@ -36,6 +36,7 @@ from quartermaster.resolvers.quotation import QuotationMutation, QuotationQuery
 from quartermaster.resolvers.stock import StockMutation, StockQuery
 from quartermaster.resolvers.subscription import StockSubscription
 from quartermaster.resolvers.warehouse import WarehouseQuery
+from quartermaster.schema.access import AccessPolicy
 from quartermaster.schema.customer import CustomerType
 from quartermaster.schema.extensions import DatabaseRouting, ErrorCodes, OperationMetrics
 from quartermaster.schema.integration import IntegrationJobType
@@ -98,6 +99,7 @@ def build_schema(settings: GraphQLSettings | None = None) -> strawberry.Schema:
     extensions: list[Any] = [
         ErrorCodes,
         OperationMetrics,
+        AccessPolicy,
         DatabaseRouting,
         partial(MaxTokensLimiter, max_token_count=settings.max_tokens),
         partial(ParserCache, maxsize=1024),

@@ -322,6 +322,34 @@ def embedded_services(settings: Settings, replica: bool = False) -> Iterator[dic
         yield overrides
 
 
+async def _demo_tokens(settings: Settings, url: str) -> dict[str, str]:
+    """A staff token and one for the first customer, to try the API with."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from quartermaster.auth import Role, mint_token
+
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            row = (
+                await conn.execute(text("SELECT id, name FROM customers ORDER BY id LIMIT 1"))
+            ).first()
+    finally:
+        await engine.dispose()
+    secret = settings.access.token_secret(settings.production)
+    tokens = {
+        "STAFF (every read, order, quotation and stock mutation)": mint_token(
+            secret, Role.STAFF, ttl_s=12 * 3600, subject="staff:dev"
+        )
+    }
+    if row is not None:
+        tokens[f"CUSTOMER {row.id} ({row.name}: their own orders and quotations)"] = mint_token(
+            secret, Role.CUSTOMER, customer_id=int(row.id), ttl_s=12 * 3600
+        )
+    return tokens
+
+
 async def _has_products(url: str) -> bool:
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
@@ -359,8 +387,18 @@ def _quiet_server(config: Any, announce: Callable[[], None]) -> Any:
     return QuietServer(config)
 
 
-def _announce(host: str, port: int, sandbox_url: str | None = None) -> None:
+def _announce(
+    host: str, port: int, sandbox_url: str | None = None, tokens: dict[str, str] | None = None
+) -> None:
     click.secho(f"\n  Quartermaster is running: http://{host}:{port}/graphql\n", bold=True)
+    if tokens:
+        click.echo(
+            "  Every query needs a bearer token. In GraphiQL open Headers and paste one of:\n"
+        )
+        for who, value in tokens.items():
+            click.echo(f"    {who}:")
+            click.echo(f'    {{"Authorization": "Bearer {value}"}}\n')
+        click.echo("  (valid 12 h; more with `quartermaster token --role STAFF|ADMIN|CUSTOMER`)\n")
     click.echo("  A worker runs the integration jobs (invoice, shop sync, notification)")
     if sandbox_url:
         click.echo(f"  against the sandbox partner: {sandbox_url}/_sandbox/effects\n")
@@ -411,7 +449,8 @@ def dev(host: str, port: int, reseed: bool, replica: bool) -> None:
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", access_log=False, ws="websockets-sansio"
         )
-        server = _quiet_server(config, lambda: _announce(host, port, sandbox_url))
+        tokens = asyncio.run(_demo_tokens(settings, url))
+        server = _quiet_server(config, lambda: _announce(host, port, sandbox_url, tokens))
         # Our handler is in place before the server exists, so a Ctrl-C at any moment from
         # here on asks for a clean stop instead of landing as KeyboardInterrupt in random code.
         for sig in (signal.SIGINT, signal.SIGTERM):

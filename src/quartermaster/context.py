@@ -71,7 +71,7 @@ class Context:
                 self.reader,
                 batch=self.settings.graphql.dataloaders,
                 convert=ROW_TYPES,
-                scope=None,  # ACCESS-WIRING: self.scope once tokens are wired
+                scope=self.scope,
             )
         return self._loaders
 

@@ -55,6 +55,10 @@ class LiveConnection:
         self._progress = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._close_task: asyncio.Task[None] | None = None
+        #: A send that started synchronously in ``push`` but had to wait (socket full).
+        self._inflight: asyncio.Task[None] | None = None
+        #: The writer task is between taking a frame and having sent it.
+        self._sending = False
         self.failed = False
         self.subscribers: set[Any] = set()
 
@@ -66,10 +70,56 @@ class LiveConnection:
         if owner.pending >= self.queue_size:
             self.fail_slow()
             return False
+        if not self._frames and not self._sending and self._inflight is None:
+            return self._send_now(frame)
         owner.pending += 1
         self._frames.append((owner, frame, None))
         self._kick()
         return True
+
+    def _send_now(self, frame: str) -> bool:
+        """Send without a task hop. The ASGI send completes without suspending while the
+        socket takes data (uvicorn only waits when the transport is paused), so it is
+        stepped right here; a send that does have to wait is finished by a task, and the
+        frames behind it queue up as usual."""
+        coro = self._send(frame)
+        try:
+            waiting_for = coro.send(None)  # type: ignore[attr-defined]
+        except StopIteration:
+            return True
+        except Exception as exc:
+            log.debug("live.connection.send_failed", error=type(exc).__name__)
+            self._fail()
+            return False
+        self._inflight = asyncio.ensure_future(self._finish_send(coro, waiting_for))
+        return True
+
+    async def _finish_send(self, coro: Any, waiting_for: Any) -> None:
+        """Drive ``coro`` on from where ``_send_now`` left it, the way a task would."""
+        try:
+            while True:
+                try:
+                    if waiting_for is None:  # a bare yield (sleep(0))
+                        await asyncio.sleep(0)
+                    else:
+                        waiting_for._asyncio_future_blocking = False
+                        await waiting_for
+                except BaseException as exc:
+                    waiting_for = coro.throw(exc)
+                    continue
+                waiting_for = coro.send(None)
+        except StopIteration:
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.debug("live.connection.send_failed", error=type(exc).__name__)
+            self._fail()
+        finally:
+            self._inflight = None
+            self._progress.set()
+            if self._frames and not self.failed:
+                self._kick()
 
     def push_last(self, owner: FrameOwner, frame: str, then: Callable[[], None]) -> None:
         """Queue a final frame of ``owner`` (after its pending ones); ``then`` runs right
@@ -98,6 +148,9 @@ class LiveConnection:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
+                if self._inflight is not None:
+                    continue  # it kicks us again when it is done
+                self._sending = True
                 while frames:
                     owner, frame, then = frames.popleft()
                     owner.pending -= 1
@@ -107,6 +160,7 @@ class LiveConnection:
                         continue
                     await self._send(frame)
                     self._progress.set()
+                self._sending = False
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the peer went away: the handler's read loop sees it too
@@ -134,8 +188,9 @@ class LiveConnection:
         self.failed = True
         callbacks = [then for _, _, then in self._frames if then is not None]
         self._frames.clear()
-        if self._task is not None and self._task is not asyncio.current_task():
-            self._task.cancel()
+        for task in (self._task, self._inflight):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
         self._progress.set()
         for then in callbacks:
             then()

@@ -114,11 +114,11 @@ class StockHub:
         if task is None:
             return
         self._stopping = True
-        # A cancellation can be lost inside the Redis client (it turns some of them into
-        # timeouts, which the loop retries): cancel until the task is really done.
+        # redis-py can lose a cancellation (seen while a MULTI pipeline runs) and the loop
+        # would go on reading: cancel until the task is really done.
         while not task.done():
             task.cancel()
-            await asyncio.wait({task}, timeout=1.0)
+            await asyncio.wait({task}, timeout=0.2)
         with contextlib.suppress(asyncio.CancelledError, Exception):
             task.result()
 
@@ -128,6 +128,7 @@ class StockHub:
         pipe.xinfo_stream(self.stream)
         pipe.xrevrange(self.stream, "+", "-", count=self.dedup_window)
         info, recent = await pipe.execute(raise_on_error=False)
+        raise_if_cancelled()
         if isinstance(info, ResponseError):
             return "0-0"
         for entry_id, fields in reversed(recent):
@@ -148,9 +149,12 @@ class StockHub:
                     # Live delivery starts at the end of the stream, not at its beginning.
                     self.last_id = await self._stream_end()
                     started = True
+                if self._stopping:
+                    return
                 reply = await self.redis.xread(
                     {self.stream: self.last_id}, count=READ_COUNT, block=READ_BLOCK_MS
                 )
+                raise_if_cancelled()
                 backoff = 0.0
             except asyncio.CancelledError:
                 raise
@@ -336,6 +340,7 @@ class StockHub:
             info = await self.redis.xinfo_stream(self.stream)
         except ResponseError:
             info = None
+        raise_if_cancelled()
         check_resumable(after, info)
 
     def replay(self, sub: Subscriber, after: StreamId) -> Replay:
@@ -350,11 +355,20 @@ class StockHub:
         recent: Any = await self.redis.xrevrange(
             self.stream, format_cursor(after), "-", count=self.dedup_window
         )
+        raise_if_cancelled()
         for entry_id, fields in reversed(recent or []):
             event = parse_entry(entry_id, fields)
             if event is not None:
                 seen[event.outbox_id] = None
         return seen
+
+
+def raise_if_cancelled() -> None:
+    """redis-py can turn a cancellation into a normal return or a timeout (seen with
+    pipelines): after a Redis call, a task that was asked to stop stops."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _entries(reply: Any) -> list[Any]:
@@ -412,6 +426,7 @@ class Replay:
             pipe.xinfo_stream(hub.stream)
             pipe.xrange(hub.stream, "(" + format_cursor(self.cursor), "+", count=REPLAY_PAGE)
             info, entries = await pipe.execute(raise_on_error=False)
+            raise_if_cancelled()
             check_resumable(self.cursor, None if isinstance(info, ResponseError) else info)
             if isinstance(entries, BaseException):
                 raise entries

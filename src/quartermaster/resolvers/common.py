@@ -130,7 +130,7 @@ async def require_visible(
     """NOT_FOUND unless the caller may read row ``pk`` of ``table`` (``policy.scope``): a
     customer touching someone else's quotation learns nothing, not even that it exists.
     Staff need no query."""
-    if context.principal.is_staff or True:  # ACCESS-WIRING: drop `or True`
+    if context.principal.is_staff:
         return
     if not await row_visible(conn, table, pk, context.scope):
         raise ProblemsError([Problem("NOT_FOUND", "No such object.", (field,))])

@@ -11,7 +11,7 @@
 
 ``AccessPolicy`` (a schema extension) asks ``quartermaster.policy`` about every pair, compares the
 cost with the caller's budget, charges the rate limiter, and answers with an error and no data
-when any of these refuses. The cost is reported in the response's ``extensions.cost``.
+when any of these refuses (the cost and the budget are in the error's extensions).
 """
 
 from __future__ import annotations
@@ -245,6 +245,3 @@ class AccessPolicy(SchemaExtension):
                 extensions={"code": "QUERY_TOO_COSTLY", "cost": analysis.cost, "budget": budget},
             )
         return None
-
-    def get_results(self) -> dict[str, Any]:
-        return {"cost": self.cost} if self.cost is not None else {}

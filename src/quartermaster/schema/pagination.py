@@ -10,6 +10,7 @@ from sqlalchemy import Select
 from sqlalchemy.engine import Row
 
 from quartermaster.context import Context
+from quartermaster.db.loaders import table_name
 from quartermaster.db.pagination import Page, PageArgs, Sort, fetch_count, fetch_page
 
 T = TypeVar("T")
@@ -78,7 +79,7 @@ async def root_connection(
 ) -> Connection[T]:
     reader = context.reader
     # Only the rows this caller may read (policy.py): someone else's rows simply do not exist.
-    # ACCESS-WIRING: base = context.scope(table_name(base), base)
+    base = context.scope(table_name(base), base)
     page = await fetch_page(reader, base, sort, args)
 
     async def count() -> int:
