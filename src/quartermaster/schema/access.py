@@ -41,6 +41,7 @@ from graphql import (
 )
 from strawberry.extensions import SchemaExtension
 from strawberry.types import ExecutionResult
+from strawberry.types.graphql import OperationType
 
 from quartermaster import policy
 from quartermaster.auth import ANONYMOUS
@@ -227,6 +228,8 @@ class AccessPolicy(SchemaExtension):
                         extensions={"code": "RATE_LIMITED", "retryAfter": decision.retry_after},
                     )
         if error is not None:
+            if ec.operation_type is OperationType.SUBSCRIPTION:
+                raise error  # strawberry answers a subscription's on_execute error as its result
             ec.result = ExecutionResult(data=None, errors=[error])
         yield
 
