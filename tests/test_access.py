@@ -452,3 +452,59 @@ async def test_staff_reads_everything_without_extra_sql(
     staff = (await staff_client.post("/graphql", json={"query": query})).json()
     admin = (await client.post("/graphql", json={"query": query}, headers=ADMIN)).json()
     assert staff == admin and len(staff["data"]["orders"]["edges"]) == 20
+
+
+# ---------------------------------------------------------------- production profile
+
+
+async def test_production_refuses_a_default_secret_and_hardens_the_endpoint(
+    database_url: str, redis_url: str
+) -> None:
+    import dataclasses
+
+    base = make_settings(database_url, redis_url)
+    with pytest.raises(ValueError, match="QM_AUTH_SECRET"):
+        create_app(dataclasses.replace(base, env="production"), configure_logs=False)
+    secret = "s" * 48
+    settings = dataclasses.replace(
+        base,
+        env="production",
+        graphql=dataclasses.replace(
+            base.graphql, introspection=False, field_suggestions=False, graphiql=False
+        ),
+        access=dataclasses.replace(
+            base.access, secret=secret, cors_origins=("https://shop.example",)
+        ),
+    )
+    app = create_app(settings, configure_logs=False)
+    token = {"Authorization": "Bearer " + mint_token(secret, Role.ADMIN)}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            mutation = 'mutation { cancelOrder(input: {orderId: "x"}) { errors { code } } }'
+            via_get = await http.get("/graphql", params={"query": mutation}, headers=token)
+            form = await http.post("/graphql", data={"query": "{ viewer { role } }"}, headers=token)
+            preflight = await http.options(
+                "/graphql",
+                headers={
+                    "Origin": "https://shop.example",
+                    "Access-Control-Request-Method": "POST",
+                    "Access-Control-Request-Headers": "authorization,content-type",
+                },
+            )
+            foreign = await http.post(
+                "/graphql",
+                json={"query": "{ viewer { role } }"},
+                headers={**token, "Origin": "https://evil.example"},
+            )
+            # the development secret no longer opens anything
+            dev = await http.post(
+                "/graphql", json={"query": "{ viewer { role } }"}, headers=bearer("ADMIN")
+            )
+            ide = await http.get("/graphql", headers={"accept": "text/html"})
+    assert via_get.status_code in (400, 405)
+    assert form.status_code == 415
+    assert preflight.headers.get("access-control-allow-origin") == "https://shop.example"
+    assert "access-control-allow-origin" not in foreign.headers
+    assert dev.status_code == 401
+    assert ide.status_code == 404

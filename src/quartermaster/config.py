@@ -192,6 +192,7 @@ class JobSettings:
     breaker_cooldown_s: float = 10.0
     shutdown_grace_s: float = 10.0
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls) -> JobSettings:
@@ -210,6 +211,7 @@ class JobSettings:
             breaker_cooldown_s=_float("QM_BREAKER_COOLDOWN_S", 10.0),
             shutdown_grace_s=_float("QM_WORKER_SHUTDOWN_GRACE_S", 10.0),
             metrics_port=_int("QM_WORKER_METRICS_PORT", 0) if port else None,
+            metrics_host=_env("QM_WORKER_METRICS_HOST", "127.0.0.1") or "127.0.0.1",
         )
 
 
@@ -424,6 +426,7 @@ ENV_VARS = (
     "QM_BREAKER_COOLDOWN_S",
     "QM_WORKER_SHUTDOWN_GRACE_S",
     "QM_WORKER_METRICS_PORT",
+    "QM_WORKER_METRICS_HOST",
     "QM_INVOICING_URL",
     "QM_INVOICING_API_KEY",
     "QM_INVOICING_SIGNING_SECRET",

@@ -43,7 +43,9 @@ async def run_worker(
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
-        server, _ = start_http_server(metrics_port, addr="127.0.0.1", registry=metrics.registry)
+        server, _ = start_http_server(
+            metrics_port, addr=settings.jobs.metrics_host, registry=metrics.registry
+        )
     worker: Worker | None = None
     try:
         loops = []
