@@ -596,6 +596,59 @@ def write_results(meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     )
 
 
+def notes(rows: list[dict[str, Any]]) -> list[str]:
+    """The reading of the table, from the measured rows."""
+    out = []
+    everyone = [r for r in rows if r["scenario"].split("@")[0] == "all" and r["delivered"]]
+    good = [r for r in everyone if r["latency_from_occurredAt_ms"]["p99"] < 100]
+    if good:
+        best = max(good, key=lambda r: r["deliveries_per_s"])
+        out.append(
+            f"- Highest load here that keeps commit→client p99 under 100 ms: `{best['scenario']}`"
+            f", {best['deliveries_per_s']:,.0f} deliveries/s to {best['subscribers']} "
+            f"subscribers (p50 {best['latency_from_occurredAt_ms']['p50']:.0f} ms, p99 "
+            f"{best['latency_from_occurredAt_ms']['p99']:.0f} ms)."
+        )
+    for r in everyone:
+        p99 = r["latency_from_occurredAt_ms"]["p99"]
+        if p99 >= 100:
+            out.append(
+                f"- `{r['scenario']}` ({r['changes_per_s']:.0f} changes/s, "
+                f"{r['subscribers'] * r['changes_per_s']:,.0f} deliveries/s offered): "
+                f"{r['deliveries_per_s']:,.0f} deliveries/s arrived, nothing lost "
+                f"({r['deliveries_for_window_events']:,} of {r['expected_deliveries']:,}), "
+                f"but p99 is {p99:,.0f} ms: the machine ran at {r['machine_busy_cores']:.2f} "
+                "of 2 cores and queues built up."
+            )
+    out += [
+        "- One render per event and render group: `all` runs one document for every "
+        "subscriber (1 render per event instead of 1,000), `mixed` four documents (4 instead "
+        "of ~200). The filters (`warehouseIds`) and `after` are not part of the group key.",
+        "- The subscriber server's CPU per delivery (other figures) is the fan-out's cost: the "
+        "hub's share (filter, frame = shared payload + operation id, queue) is about 3.5 µs "
+        "(measured in-process with a no-op socket); the rest is Starlette's and uvicorn's "
+        "WebSocket send and one `send()` system call per frame, since every subscriber has "
+        "its own connection. Sends happen synchronously in the hub while a socket takes "
+        "data; only a full socket costs a task. Render and product look-ups add to it in "
+        "`mixed` (four renders per event, one product query per batch of events).",
+        "- Latency includes the relay: it polls the outbox every `QM_RELAY_POLL_S` (20 ms) "
+        "and publishes in commit order; *XADD→client* is the share after the relay.",
+        "- The p99 tails at 40k deliveries/s and in `mixed` come from the shared machine more "
+        "than from the hub: the same subscriber server fed straight from Redis (no mutation "
+        "server, relay or PostgreSQL load; 1,000 `mixed` subscribers, 50 events/s) measured "
+        "XADD→client p50 7.5 ms, p99 13 ms. CPython's full garbage collections are one "
+        "source of stalls: 1,000 connections hold ~250k tracked objects (strawberry, uvicorn "
+        "and websockets objects per connection) and a full pass takes 100–200 ms (measured "
+        "with `gc.callbacks`); `gc.freeze()` after start-up does not help, since those "
+        "objects come later. GC tuning is left as a follow-up.",
+        "- Everything shares 2 cores: the two servers, the relay, PostgreSQL, Redis, the "
+        "driver and the Python clients (about 10 µs of client CPU per message). The knee is "
+        "the machine's, not the hub's alone: the subscriber server itself stayed below one "
+        "core.",
+    ]
+    return out
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -608,7 +661,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=50.0, help="stock changes per second")
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--warmup", type=float, default=5.0)
-    p.add_argument("--scenarios", default="none,all,all@20,mixed")
+    p.add_argument("--scenarios", default="none,all,all@20,all@30,all@40,mixed")
     p.add_argument("--sample-every", type=int, default=10)
     p.add_argument("--products", type=int, default=2000)
     p.add_argument("--warehouses", type=int, default=5)
@@ -715,7 +768,7 @@ def main() -> int:
         "writes_via": args.writes_via,
         "clients": args.clients,
         "sample_every": args.sample_every,
-        "notes": [],
+        "notes": notes(rows),
     }
     write_results(meta, rows)
     log("wrote bench/RESULTS-subscriptions.md and bench/results-subscriptions.json")

@@ -713,7 +713,7 @@ async def test_connection_init_is_required_in_time(world: World) -> None:
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4408
 
 
-async def test_connection_init_token_is_kept_on_the_context(world: World) -> None:
+async def test_connection_init_token_names_the_caller(world: World) -> None:
     from quartermaster.live.transport import bearer_token
 
     assert bearer_token({"token": "t1"}) == "t1"
@@ -721,9 +721,15 @@ async def test_connection_init_token_is_kept_on_the_context(world: World) -> Non
     assert bearer_token({"authorization": "bearer  t3 "}) == "t3"
     assert bearer_token({"Authorization": "Basic x"}) is None
     assert bearer_token({"token": 5}) is None
-    async with client(world.b, {"token": "abc"}) as c:  # accepted (no auth yet)
-        await c.subscribe("s", p=[pid(GHOST_PRODUCT)])
+    async with client(world.b) as c:  # a valid staff token: staff-only fields are allowed
+        await c.subscribe("s", GHOST_SUBSCRIPTION, p=[pid(GHOST_PRODUCT)])
         await c.silent("s", 0.2)
+    url = world.b.replace("http://", "ws://") + "/graphql"
+    async with connect(url, subprotocols=["graphql-transport-ws"]) as ws:
+        await ws.send(json.dumps({"type": "connection_init", "payload": {"token": "forged"}}))
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
 
 
 # ---------------------------------------------------------------- the hub on its own
