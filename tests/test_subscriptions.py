@@ -820,3 +820,51 @@ async def test_hub_replay_and_live_have_no_gap_and_no_repeat(
         await redis.delete(stream)
         await redis.aclose()
         await db.dispose()
+
+
+async def test_an_expired_token_closes_the_socket(world: World) -> None:
+    from quartermaster.auth import DEV_SECRET, Role, mint_token
+
+    token = mint_token(DEV_SECRET, Role.STAFF, subject="live-expiring", ttl_s=2)
+    async with client(world.b, {"token": token}) as c:
+        await c.subscribe("s", GHOST_SUBSCRIPTION, p=[pid(GHOST_PRODUCT)])
+        started = time.monotonic()
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(c.ws.recv(), 10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+    assert 0.5 < time.monotonic() - started < 8  # when the token ran out (with JWT leeway)
+    expired = mint_token(DEV_SECRET, Role.STAFF, ttl_s=1, now=time.time() - 3600)
+    url = world.b.replace("http://", "ws://") + "/graphql"
+    async with connect(url, subprotocols=["graphql-transport-ws"]) as ws:
+        await ws.send(json.dumps({"type": "connection_init", "payload": {"token": expired}}))
+        with pytest.raises(ConnectionClosed) as refused:
+            await asyncio.wait_for(ws.recv(), 5)
+    assert refused.value.rcvd is not None and refused.value.rcvd.code == 4403
+
+
+async def test_customers_and_anonymous_callers_see_availability_only(world: World) -> None:
+    from quartermaster.auth import DEV_SECRET, Role, mint_token
+
+    customer = mint_token(DEV_SECRET, Role.CUSTOMER, customer_id=1, subject="live-customer")
+    async with client(world.b, {"token": customer}) as c:
+        await c.subscribe("internals", GHOST_SUBSCRIPTION, p=[pid(GHOST_PRODUCT)])
+        refused = await c.message("internals")  # refused before it subscribes: data null
+        assert refused["type"] == "next" and refused["payload"]["data"] is None, refused
+        assert refused["payload"]["errors"][0]["extensions"]["code"] == "FORBIDDEN"
+        assert (await c.message("internals"))["type"] == "complete"
+        availability = (
+            "subscription($p: [ID!]) { stockChanged(productIds: $p) "
+            "{ cursor reason stockLevel { id available isLow } } }"
+        )
+        await c.subscribe("ok", availability, p=[pid(GHOST_PRODUCT)])
+        await c.silent("ok", 0.3)  # accepted: no error
+    # World's servers open the catalogue (QM_PUBLIC_CATALOGUE): anonymous callers may follow
+    # availability, and no more than that.
+    async with client(world.b, {}) as anonymous:
+        await anonymous.subscribe("a", GHOST_SUBSCRIPTION, p=[pid(GHOST_PRODUCT)])
+        refused = await anonymous.message("a")
+        assert refused["payload"]["data"] is None, refused
+        assert refused["payload"]["errors"][0]["extensions"]["code"] == "FORBIDDEN"
+        await anonymous.subscribe("b", availability, p=[pid(GHOST_PRODUCT)])
+        await anonymous.silent("b", 0.3)

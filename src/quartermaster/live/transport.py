@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -63,8 +66,28 @@ def bearer_token(params: dict[str, Any]) -> str | None:
 LIVE_OPERATION: ContextVar[LiveOperation | None] = ContextVar("qm_live_operation", default=None)
 
 
+#: Close code when the token a connection signed in with expires (re-connect with a new one).
+TOKEN_EXPIRED_CLOSE = 4401
+
+
 class LiveTransportWSHandler(BaseGraphQLTransportWSHandler[Any, Any]):
     _live: LiveConnection | None = None
+    _expiry: asyncio.Task[None] | None = None
+
+    async def handle_connection_init(self, message: Any) -> None:
+        await super().handle_connection_init(message)
+        principal = getattr(self.context, "principal", None)
+        expires_at = getattr(principal, "expires_at", None)
+        if self.connection_acknowledged and expires_at is not None:
+            self._expiry = asyncio.create_task(self._close_at(expires_at))
+
+    async def _close_at(self, expires_at: float) -> None:
+        """The token a connection signed in with is checked once, at ``connection_init``; when
+        it expires the connection closes (4401) and the client signs in again, resuming its
+        subscriptions with ``after``."""
+        await asyncio.sleep(max(0.0, expires_at - time.time()))
+        with contextlib.suppress(Exception):
+            await self.websocket.close(code=TOKEN_EXPIRED_CLOSE, reason="Token expired")
 
     def live_connection(self, hub: Any) -> LiveConnection:
         if self._live is None:
@@ -130,6 +153,8 @@ class LiveTransportWSHandler(BaseGraphQLTransportWSHandler[Any, Any]):
         await super()._handle_pre_execution_error(operation, result)
 
     async def shutdown(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
         await super().shutdown()
         if self._live is not None:
             await self._live.aclose()
