@@ -201,6 +201,19 @@ def check(body: Any, status: int) -> str | None:
     return None
 
 
+def admin_token() -> str:
+    """A bearer token for the benchmark's requests (ADMIN: every operation, no rate limit),
+    signed with the secret the servers use (QM_AUTH_SECRET or the development one)."""
+    from quartermaster.auth import Role, mint_token
+    from quartermaster.config import Settings
+
+    secret = Settings.from_env().access.token_secret(production=False)
+    return mint_token(secret, Role.ADMIN, ttl_s=24 * 3600, subject="bench")
+
+
+AUTH = {"Authorization": f"Bearer {admin_token()}"}
+
+
 class RawHttp:
     """One keep-alive HTTP/1.1 connection speaking just enough HTTP for POST + JSON.
 
@@ -222,6 +235,7 @@ class RawHttp:
         body = orjson.dumps(payload)
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Authorization: {AUTH['Authorization']}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         )
         self.writer.write(head.encode() + body)
@@ -276,7 +290,7 @@ async def measure(
     limits = httpx.Limits(
         max_connections=args.concurrency, max_keepalive_connections=args.concurrency
     )
-    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=120, headers=AUTH) as client:
         url = server.base + "/graphql"
         _, warm_errors, _ = await drive(client, url, make, args.concurrency, args.warmup)
         stmts0, cpu0 = await server.statements(client), server.cpu_seconds()
@@ -302,7 +316,7 @@ async def measure(
 async def sweep(server: Server) -> dict[int, float]:
     """SQL statements of one orders page, by page size (sequential, 3 requests each)."""
     out: dict[int, float] = {}
-    async with httpx.AsyncClient(timeout=120) as client:
+    async with httpx.AsyncClient(timeout=120, headers=AUTH) as client:
         for first in SWEEP_PAGES:
             before = await server.statements(client)
             for _ in range(3):

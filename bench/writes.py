@@ -44,7 +44,19 @@ from quartermaster.services.pricing import price_with_tier, totals
 from quartermaster.services.stock import allocate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import BENCH, RawHttp, Server, log, pct, plain, prepare_database, qm_env, run_cli, with_db
+from run import (
+    AUTH,
+    BENCH,
+    RawHttp,
+    Server,
+    log,
+    pct,
+    plain,
+    prepare_database,
+    qm_env,
+    run_cli,
+    with_db,
+)
 
 DB = "qm_bench_writes"
 TOP_UP = 1_000_000
@@ -273,7 +285,7 @@ async def measure(
 
 async def run_server(server: Server, work: Workload, args: argparse.Namespace, url: str) -> Row:
     conns = [RawHttp(server.base) for _ in range(args.concurrency)]
-    async with httpx.AsyncClient(timeout=120) as client:
+    async with httpx.AsyncClient(timeout=120, headers=AUTH) as client:
 
         async def one(i: int) -> Any:
             customer, lines = work.order()
