@@ -505,8 +505,9 @@ def write_results(out_dir: Path, meta: Row, rows: list[Row], notes: list[str]) -
         + (", ".join(f"`{k}={v}`" for k, v in meta["env"].items()) or "none (defaults)"),
         f"- Command: `{meta['command']}`", "",
         "Delay = the sandbox's `at` (when it began handling the call) − the time the placeOrder "
-        "response reached the client, per expected call (INVOICE, NOTIFICATION, one SHOP_SYNC "
-        "per line), for the orders sent in the measured window; ms.", "",
+        "response reached the client, per expected call (INVOICE, NOTIFICATION, and the order's "
+        "one SHOP_SYNC job, which pushes each of its products), for the orders sent in the "
+        "measured window; ms.", "",
         *md_table(rows),
     ]  # fmt: skip
     best = best_kept_up(rows)
@@ -707,7 +708,8 @@ def auto_notes(rows: list[Row], meta: Row) -> list[str]:
         "overestimate.",
         "- Jobs/s (load window): successful partner calls whose `at` falls in the measured "
         "window, per second. When the pipeline keeps up it equals orders/s × calls per order "
-        "(2 + lines); when it does not, it is the pipeline's capacity and the backlog grows.",
+        "(invoice + notification + one shop push per line); when it does not, it is the "
+        "pipeline's capacity and the backlog grows.",
         "- The API, workers, sandbox, PostgreSQL, Redis and this load generator share the "
         "machine's cores; other work on the machine (load average above, machine busy in the "
         "CPU table) shifts the latencies a lot and the CPU per order a little.",
