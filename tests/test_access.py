@@ -508,3 +508,12 @@ async def test_production_refuses_a_default_secret_and_hardens_the_endpoint(
     assert "access-control-allow-origin" not in foreign.headers
     assert dev.status_code == 401
     assert ide.status_code == 404
+
+
+async def test_a_subscription_over_plain_http_gets_a_clear_error(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/graphql", json={"query": "subscription { stockChanged { cursor } }"}
+    )
+    error = response.json()["errors"][0]
+    assert error["extensions"]["code"] == "SUBSCRIPTION_NEEDS_STREAM"
+    assert "text/event-stream" in error["message"]

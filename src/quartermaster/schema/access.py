@@ -187,6 +187,13 @@ class _Walker:
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+_NEEDS_STREAM = GraphQLError(
+    "Subscriptions run over WebSocket (graphql-transport-ws) or Server-Sent Events "
+    "(POST with `Accept: text/event-stream`), not as a plain HTTP request.",
+    extensions={"code": "SUBSCRIPTION_NEEDS_STREAM"},
+)
+
+
 class AccessPolicy(SchemaExtension):
     """Refuses what the caller's role may not select, queries over the caller's cost budget and
     callers over their rate limit — before execution, with a coded error and no data."""
@@ -231,6 +238,10 @@ class AccessPolicy(SchemaExtension):
             if ec.operation_type is OperationType.SUBSCRIPTION:
                 raise error  # strawberry answers a subscription's on_execute error as its result
             ec.result = ExecutionResult(data=None, errors=[error])
+        elif ec.operation_type is OperationType.SUBSCRIPTION:
+            # Plain HTTP runs the operation once, like a query, and ignores this result's being
+            # set; the streaming transports (WebSocket, SSE) subscribe instead and never read it.
+            ec.result = ExecutionResult(data=None, errors=[_NEEDS_STREAM])
         yield
 
     def _refusal(self, principal: Any, analysis: Analysis, access: Any) -> GraphQLError | None:
