@@ -18,26 +18,19 @@ lookup per selected field.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Select, Table, false, select
+from sqlalchemy import Select, false, select
 
 from quartermaster.auth import Principal, Role
-from quartermaster.db.models import (
-    Customer,
-    Order,
-    OrderLine,
-    Quotation,
-    QuotationLine,
-    StockAllocation,
+from quartermaster.db.loaders import (
+    allocations,
+    customers,
+    order_lines,
+    orders,
+    quotation_lines,
+    quotations,
 )
-
-customers = cast(Table, Customer.__table__)
-orders = cast(Table, Order.__table__)
-order_lines = cast(Table, OrderLine.__table__)
-quotations = cast(Table, Quotation.__table__)
-quotation_lines = cast(Table, QuotationLine.__table__)
-allocations = cast(Table, StockAllocation.__table__)
 
 #: The catalogue: readable by customers, and by anonymous callers when QM_PUBLIC_CATALOGUE is on.
 CATALOGUE_TABLES = frozenset({"products", "warehouses", "stock_levels"})

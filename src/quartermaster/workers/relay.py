@@ -110,8 +110,7 @@ class Relay:
             if not rows:
                 await conn.commit()
                 return 0
-            jobs = await repo.upsert_jobs(conn, [s.as_row() for s in jobs_for_events(rows)])
-            jobs += await repo.jobs_by_ids(conn, retried_job_ids(rows))
+            jobs = await jobs_of(conn, rows)
             await conn.commit()
         except (OperationalError, InterfaceError, OSError, DBAPIError):
             await self._drop_connection()
@@ -177,6 +176,15 @@ class Relay:
             await self._drop_connection()
 
 
+async def jobs_of(conn: AsyncConnection, rows: Sequence[Any]) -> list[Any]:
+    """The jobs of outbox ``rows``: those their events cause (created, or found when they
+    exist), plus those ``retryIntegrationJob`` put back (``job.retry`` events), each once."""
+    jobs = await repo.upsert_jobs(conn, [s.as_row() for s in jobs_for_events(rows)])
+    seen = {j.id for j in jobs}
+    retried = await repo.jobs_by_ids(conn, retried_job_ids(rows))
+    return jobs + [j for j in retried if j.id not in seen]
+
+
 async def publish(
     redis: Redis,
     rows: Sequence[Any],
@@ -224,12 +232,7 @@ async def replay(
             rows = await repo.published_since(conn, since, after, batch)
             if not rows:
                 return events, jobs_enqueued
-            jobs = await repo.upsert_jobs(conn, [s.as_row() for s in jobs_for_events(rows)])
-            # Jobs put back by retryIntegrationJob (job.retry events), as the relay does; their
-            # order's event may be older than `since` or already deleted.
-            seen = {j.id for j in jobs}
-            retried = await repo.jobs_by_ids(conn, retried_job_ids(rows))
-            jobs += [j for j in retried if j.id not in seen]
+            jobs = await jobs_of(conn, rows)
         wanted = (IntegrationStatus.PENDING, IntegrationStatus.FAILED)
         await publish(redis, rows, jobs, settings, statuses=wanted)
         events += len(rows)
