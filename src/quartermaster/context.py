@@ -29,6 +29,9 @@ class Context:
     role: Role = "replica"
     #: The WAL position of the request's ``X-Consistency-Token`` (read-your-writes), if any.
     consistency_lsn: int | None = None
+    #: The WAL position after this request's last commit (``resolvers/common.py``); the routing
+    #: extension turns it into the response's consistency token.
+    commit_lsn: int | None = None
     metrics: Any = None
     #: The app's Redis client (None when Redis is not configured).
     redis: Any = None

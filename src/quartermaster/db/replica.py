@@ -383,3 +383,12 @@ async def current_wal_lsn(db: Database) -> int:
     """The primary's WAL position now: after a commit, at or past its commit record."""
     async with db.autocommit("primary").connect() as conn:
         return parse_lsn((await conn.execute(_TOKEN_SQL)).scalar_one())
+
+
+async def wal_lsn_after_commit(conn: AsyncConnection) -> int:
+    """The WAL position read on ``conn`` right after it committed, before it goes back to the
+    pool: one round trip on the driver connection (no BEGIN/ROLLBACK, no pool checkout), at or
+    past the commit record just written."""
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    return parse_lsn(await driver.fetchval(_TOKEN_SQL.text))

@@ -12,6 +12,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from quartermaster.context import Context
+from quartermaster.db.replica import wal_lsn_after_commit
 from quartermaster.db.repositories.rows import fetch_row, row_visible
 from quartermaster.errors import InvalidIdError
 from quartermaster.schema.errors import UserError, UserErrorCode
@@ -73,8 +74,10 @@ async def run_unit_of_work(context: Context, work: Callable[[AsyncConnection], A
     context.use_primary()
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
-            async with context.db.primary.begin() as conn:
-                result = await work(conn)
+            async with context.db.primary.connect() as conn:
+                async with conn.begin():
+                    result = await work(conn)
+                await _note_commit(context, conn)
         except DBAPIError as exc:
             state = _sqlstate(exc)
             if state not in RETRYABLE_SQLSTATES or attempt == MAX_ATTEMPTS:
@@ -85,6 +88,19 @@ async def run_unit_of_work(context: Context, work: Callable[[AsyncConnection], A
         context.reset_loaders()
         return result
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _note_commit(context: Context, conn: AsyncConnection) -> None:
+    """Remember the WAL position of this commit for the response's consistency token
+    (``schema/extensions.py``), read on the same connection before it goes back to the pool.
+    The writes are committed whatever happens here; without a position the extension asks the
+    primary afterwards."""
+    try:
+        lsn = await wal_lsn_after_commit(conn)
+    except Exception as exc:
+        log.warning("consistency_token.unavailable", error=repr(exc))
+        return
+    context.commit_lsn = lsn if context.commit_lsn is None else max(context.commit_lsn, lsn)
 
 
 async def write_then_read(

@@ -102,7 +102,8 @@ class DatabaseRouting(SchemaExtension):
             context.use_primary()
             yield
             if db is not None:
-                self.token = await _commit_token(db)
+                lsn = getattr(context, "commit_lsn", None)
+                self.token = encode_token(lsn) if lsn is not None else await _commit_token(db)
                 response = getattr(context, "response", None)
                 if self.token and response is not None and hasattr(response, "headers"):
                     response.headers[TOKEN_HEADER] = self.token

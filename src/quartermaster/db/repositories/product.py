@@ -4,13 +4,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, exists, func, or_, select, update
+from sqlalchemy import Select, Table, exists, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from quartermaster.db.models import Product, StockLevel
 from quartermaster.db.pagination import Sort
 from quartermaster.db.repositories import escape_like
+from quartermaster.db.repositories.customer import customers
 
 products = cast(Table, Product.__table__)
 stock_levels = cast(Table, StockLevel.__table__)
@@ -105,21 +106,24 @@ async def customer_and_products(
     conn: AsyncConnection, customer_id: int, product_ids: list[int]
 ) -> tuple[Any, dict[int, Any]]:
     """The customer (or None) and the products for sale among ``product_ids``: one round trip."""
-    from quartermaster.db.repositories.customer import customers
-
-    stmt = (
-        select(
-            customers.c.id.label("customer_id"),
-            customers.c.tier,
-            products.c.id,
-            products.c.unit_price,
-            products.c.currency,
-            products.c.active,
-        )
-        .select_from(customers.outerjoin(products, products.c.id.in_(product_ids)))
-        .where(customers.c.id == customer_id)
-    )
-    rows = (await conn.execute(stmt)).all()
+    rows = (
+        await conn.execute(_CUSTOMER_AND_PRODUCTS, {"customer_id": customer_id, "ids": product_ids})
+    ).all()
     if not rows:
         return None, {}
     return rows[0], {row.id: row for row in rows if row.id is not None}
+
+
+# Fixed text with an array parameter: compiled once, one prepared statement (hot path).
+_CUSTOMER_AND_PRODUCTS = text(
+    "SELECT c.id AS customer_id, c.tier, p.id, p.unit_price, p.currency, p.active "
+    "FROM customers AS c LEFT OUTER JOIN products AS p "
+    "ON p.id = ANY(CAST(:ids AS bigint[])) WHERE c.id = :customer_id"
+).columns(
+    customer_id=customers.c.id.type,
+    tier=customers.c.tier.type,
+    id=products.c.id.type,
+    unit_price=products.c.unit_price.type,
+    currency=products.c.currency.type,
+    active=products.c.active.type,
+)

@@ -3,7 +3,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Select, Table, bindparam, func, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Table,
+    bindparam,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -61,15 +71,19 @@ def select_stock_levels(spec: StockLevelFilterSpec | None) -> Select[Any]:
 # -- writes: every change goes through these, rows locked in (product_id, warehouse_id) order
 
 
+# A fixed statement (an array parameter, not an expanding IN list): compiled once, one prepared
+# statement whatever the number of products; it sits on the hot path of every order.
+_LOCK_LEVELS_OF_PRODUCTS = text(
+    f"SELECT {', '.join(c.name for c in stock_levels.c)} FROM stock_levels "
+    "WHERE product_id = ANY(CAST(:ids AS bigint[])) "
+    "ORDER BY product_id, warehouse_id FOR UPDATE"
+).columns(*stock_levels.c)
+
+
 async def lock_levels_of_products(conn: AsyncConnection, product_ids: list[int]) -> list[Row[Any]]:
     """Lock every stock level of these products, in the one global order."""
-    stmt = (
-        select(stock_levels)
-        .where(stock_levels.c.product_id.in_(sorted(set(product_ids))))
-        .order_by(stock_levels.c.product_id, stock_levels.c.warehouse_id)
-        .with_for_update()
-    )
-    return list((await conn.execute(stmt)).all())
+    result = await conn.execute(_LOCK_LEVELS_OF_PRODUCTS, {"ids": sorted(set(product_ids))})
+    return list(result.all())
 
 
 async def lock_levels(conn: AsyncConnection, level_ids: list[int]) -> list[Row[Any]]:
