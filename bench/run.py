@@ -416,11 +416,18 @@ def notes(rows: list[dict[str, Any]], sweeps: dict[str, Any], env: dict[str, str
                 f"`{r['error_sample'][0][:200]}` (details in the server log)."
             )
     if "QM_DB_POOL_TIMEOUT" in env:
+        from quartermaster.config import DatabaseSettings
+
+        default = DatabaseSettings(url=None, replica_url=None)
+        size = int(env.get("QM_DB_POOL_SIZE", default.pool_size))
+        overflow = int(env.get("QM_DB_MAX_OVERFLOW", default.max_overflow))
         out.append(
-            f"- `QM_DB_POOL_TIMEOUT={env['QM_DB_POOL_TIMEOUT']}` (default 10 s): at concurrency "
-            "16 the N+1 build's `orders_nested` waits longer than 10 s for one of the 20 pooled "
-            "connections (pool 10 + overflow 10) and fails with SQLAlchemy's pool `TimeoutError`; "
-            "the longer wait lets it be measured without errors."
+            f"- `QM_DB_POOL_TIMEOUT={env['QM_DB_POOL_TIMEOUT']}` (default "
+            f"{default.pool_timeout:g} s): the N+1 build's `orders_nested` checks out one "
+            f"connection per resolver at once, so its requests queue for the {size + overflow} "
+            f"pooled connections (pool {size} + overflow {overflow}), and a wait longer than the "
+            "default fails with SQLAlchemy's pool `TimeoutError`; the longer wait lets it be "
+            "measured without errors."
         )
     return [
         *out,

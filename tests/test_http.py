@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 
@@ -12,9 +13,10 @@ import pytest_asyncio
 import websockets
 
 from quartermaster.app import create_app
+from quartermaster.config import DatabaseSettings, RedisSettings, Settings
 from quartermaster.db.loaders import Loaders
 from tests.conftest import ADMIN, make_settings
-from tests.servers import running_server
+from tests.servers import free_port, running_server
 
 PING = "{ warehouses(first: 1) { totalCount } }"
 
@@ -110,6 +112,26 @@ async def test_ready_names_the_failing_part(database_url: str) -> None:
     assert response.json()["checks"]["primary"] == "ok"
 
 
+async def test_ready_names_an_unreachable_primary(redis_url: str) -> None:
+    # Nothing listens on a port that was just free, so connecting is refused at once. Start-up
+    # does not connect to the primary: the app starts, and readiness is what notices.
+    closed = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/quartermaster"
+    app = create_app(make_settings(closed, redis_url), configure_logs=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=ADMIN
+        ) as http:
+            live = await http.get("/health")
+            response = await http.get("/health/ready")
+    assert live.json() == {"status": "ok"}
+    assert response.status_code == 503
+    body = response.json()
+    assert body["failing"] == ["primary"]
+    assert body["checks"]["primary"].startswith("error: ")
+    assert body["checks"]["redis"] == "ok"
+
+
 async def test_metrics_count_operations_statements_and_pool(client: httpx.AsyncClient) -> None:
     await client.post("/graphql", json={"query": "query MetricsProbe " + PING})
     text = (await client.get("/metrics")).text
@@ -152,6 +174,35 @@ async def test_body_over_limit_is_413_with_code(live_server: str) -> None:
         )
     assert response.status_code == 413
     assert response.json()["errors"][0]["extensions"]["code"] == "REQUEST_TOO_LARGE"
+
+
+@pytest.mark.parametrize("profile", ["development", "test"])
+async def test_introspection_is_on_by_default_outside_production(
+    database_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch, profile: str
+) -> None:
+    """The default the switch-off test below departs from: nothing set, introspection works."""
+    monkeypatch.setenv("QM_ENV", profile)
+    monkeypatch.delenv("QM_INTROSPECTION", raising=False)
+    settings = dataclasses.replace(
+        Settings.from_env(),
+        database=DatabaseSettings(url=database_url, replica_url=None),
+        redis=RedisSettings(url=redis_url),
+    )
+    app = create_app(settings, configure_logs=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=ADMIN
+        ) as http:
+            response = await http.post(
+                "/graphql", json={"query": "{ __schema { queryType { name } types { name } } }"}
+            )
+    assert response.status_code == 200
+    body = response.json()
+    assert "errors" not in body, body["errors"]
+    schema = body["data"]["__schema"]
+    assert schema["queryType"] == {"name": "Query"}
+    assert {"Order", "Customer", "OrderFilter", "PageInfo"} <= {t["name"] for t in schema["types"]}
 
 
 async def test_introspection_suggestions_and_graphiql_can_be_switched_off(

@@ -207,6 +207,28 @@ CASES = [
         parents_sql=BUSY_CUSTOMERS.format(table="quotations"),
         size=2,
     ),
+    Case(
+        "customer.orders-filtered-TOTAL-DESC",
+        "orders",
+        "Order",
+        "SELECT id FROM orders WHERE customer_id = $1 AND status IN ('PENDING', 'FULFILLED')"
+        " ORDER BY total DESC, id DESC",
+        "filter: {status: [PENDING, FULFILLED]}, orderBy: {field: TOTAL, direction: DESC}",
+        parent_type="Customer",
+        parents_sql=BUSY_CUSTOMERS.format(table="orders"),
+        size=2,
+    ),
+    Case(
+        "customer.quotations-filtered",
+        "quotations",
+        "Quotation",
+        "SELECT id FROM quotations WHERE customer_id = $1 AND (status IN ('DRAFT', 'REJECTED')"
+        " OR (status = 'SENT' AND valid_until > now())) ORDER BY created_at DESC, id DESC",
+        "filter: {status: [DRAFT, SENT, REJECTED]}",
+        parent_type="Customer",
+        parents_sql=BUSY_CUSTOMERS.format(table="quotations"),
+        size=1,
+    ),
     *[
         Case(
             f"warehouse.stockLevels-onlyLow-{only_low}",
