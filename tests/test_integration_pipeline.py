@@ -496,8 +496,7 @@ async def test_relay_dying_between_xadd_and_mark_published_duplicates_entries_no
     try:
         conn = await db.primary.connect()
         try:
-            # rows become claimable once every older transaction of the whole PostgreSQL
-            # cluster has ended (commit order): wait until both orders' rows are
+            # wait until both orders' rows are claimable (committed)
             deadline = time.monotonic() + 15
             while len(rows := await repo.claim_outbox_batch(conn, settings.relay_batch)) < 4:
                 await conn.rollback()

@@ -16,8 +16,6 @@ import structlog
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from quartermaster.db.repositories import outbox
-from quartermaster.db.repositories import product as product_repo
 from quartermaster.db.repositories import stock as repo
 from quartermaster.enums import StockChangeReason
 from quartermaster.services.errors import Problem, ProblemsError
@@ -42,55 +40,27 @@ class LevelChange:
 
 
 async def record_changes(conn: AsyncConnection, changes: Sequence[LevelChange]) -> None:
-    """Apply the deltas (rows already locked), write the ledger and the outbox events."""
+    """Apply the deltas (rows already locked), write the ledger and the outbox events: one
+    statement (``repo.record_level_changes``)."""
     if not changes:
         return
-    await repo.apply_level_deltas(
+    if len({c.level_id for c in changes}) != len(changes):
+        raise ValueError("record_changes takes each stock level at most once")
+    changed = await repo.record_level_changes(
         conn,
         [
             {
                 "level_id": c.level_id,
                 "on_hand_delta": c.on_hand_delta,
                 "reserved_delta": c.reserved_delta,
-            }
-            for c in changes
-        ],
-    )
-    await repo.insert_movements(
-        conn,
-        [
-            {
-                "stock_level_id": c.level_id,
-                "reason": c.reason,
-                "on_hand_delta": c.on_hand_delta,
-                "reserved_delta": c.reserved_delta,
+                "reason": c.reason.value,
                 "order_id": c.order_id,
             }
             for c in changes
         ],
     )
-    await outbox.add_events(
-        conn,
-        [
-            {
-                "topic": "stock.changed",
-                "key": f"stock_level:{c.level_id}",
-                "payload": {
-                    "stock_level_id": c.level_id,
-                    "product_id": c.product_id,
-                    "warehouse_id": c.warehouse_id,
-                    "reason": c.reason.value,
-                    "on_hand_delta": c.on_hand_delta,
-                    "reserved_delta": c.reserved_delta,
-                    "on_hand": c.on_hand_after,
-                    "reserved": c.reserved_after,
-                    "low_stock_threshold": c.low_stock_threshold,
-                    "order_id": c.order_id,
-                },
-            }
-            for c in changes
-        ],
-    )
+    if changed != len(changes):
+        raise LookupError(f"{len(changes) - changed} of the stock levels to change do not exist")
 
 
 @dataclass(frozen=True)
@@ -174,9 +144,12 @@ async def adjust_stock(
         )
     if problems:
         raise ProblemsError(problems)
-    if product_id not in await product_repo.products_for_sale(conn, [product_id]):
+    product_found, warehouse_found = await repo.product_and_warehouse_exist(
+        conn, product_id, warehouse_id
+    )
+    if not product_found:
         raise ProblemsError([Problem("NOT_FOUND", "No such product.", ("productId",))])
-    if not await repo.warehouse_exists(conn, warehouse_id):
+    if not warehouse_found:
         raise ProblemsError([Problem("NOT_FOUND", "No such warehouse.", ("warehouseId",))])
     level = await repo.lock_or_create_level(conn, product_id, warehouse_id)
     if level.on_hand + delta < level.reserved:

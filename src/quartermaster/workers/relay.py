@@ -1,10 +1,12 @@
-"""The outbox relay: committed outbox rows → job rows + Redis stream entries, in commit order.
+"""The outbox relay: committed outbox rows → job rows + Redis stream entries, in commit order
+per stock level and per order.
 
 One round (``relay_once``):
 
-1. claim the oldest unpublished rows whose transactions ended (``FOR UPDATE SKIP LOCKED``; see
-   migration 0002 for the commit-order rule), create their jobs (``integration_jobs``, upsert
-   on the idempotency key) and commit, so a worker never reads an entry whose job it cannot see;
+1. claim the oldest committed unpublished rows (``FOR UPDATE SKIP LOCKED``; see
+   ``db/repositories/integration.py`` for the order rule), create their jobs
+   (``integration_jobs``, upsert on the idempotency key) and commit, so a worker never reads an
+   entry whose job it cannot see;
 2. ``XADD`` the jobs to their stream and every stock change to the stock-event stream;
 3. mark the rows published.
 

@@ -74,8 +74,8 @@ class OutboxEvent(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     created_at: Mapped[datetime] = created_at()
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    #: The writing transaction: the relay publishes a row only once every older transaction
-    #: has ended, which keeps commit order (migration 0002 explains).
+    #: The writing transaction (diagnostics: which rows one transaction wrote). The relay no
+    #: longer gates on it; ``db/repositories/integration.py`` explains the order it keeps.
     txid: Mapped[int] = mapped_column(
         Xid8(), nullable=False, server_default=text("pg_current_xact_id()")
     )

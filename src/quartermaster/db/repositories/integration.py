@@ -16,17 +16,18 @@ from quartermaster.enums import IntegrationStatus
 integration_jobs = cast(Table, IntegrationJob.__table__)
 _RETRYABLE = (IntegrationStatus.FAILED, IntegrationStatus.DEAD)
 
-# Only rows whose transaction is older than every transaction still running: a row that is not
-# visible yet can then never turn up behind one already published (commit order, no gaps).
-# The horizon is server-wide, so one long or idle-in-transaction session anywhere would stall
-# publication: rows that waited ``max_wait_s`` go anyway (order then holds per stock level and
-# per order, which row locks guarantee, but not across unrelated transactions).
+# Every committed, unpublished row, oldest id first. That keeps the order that matters, per
+# stock level and per order: transactions touching the same level (or order) are serialised by
+# its row lock, and the later one draws its outbox ids only after the earlier one committed, so
+# of one level's rows the relay always sees a prefix, in id order. Across unrelated
+# transactions ids are not commit order, and nothing downstream relies on that. (An earlier
+# version only took rows whose ``txid`` was below the snapshot's xmin; that admitted a waiting
+# transaction's rows, whose xid was older, ahead of those of the transaction it had waited
+# for, and broke the per-level order.)
 _CLAIM_SQL = text(
     """
 SELECT id, topic, key, payload, created_at FROM outbox
 WHERE published_at IS NULL
-  AND (txid < pg_snapshot_xmin(pg_current_snapshot())
-       OR created_at < now() - make_interval(secs => :max_wait_s))
 ORDER BY id
 LIMIT :limit
 FOR UPDATE SKIP LOCKED
@@ -34,10 +35,8 @@ FOR UPDATE SKIP LOCKED
 )
 
 
-async def claim_outbox_batch(
-    conn: AsyncConnection, limit: int, max_wait_s: float = 5.0
-) -> list[Row[Any]]:
-    return list((await conn.execute(_CLAIM_SQL, {"limit": limit, "max_wait_s": max_wait_s})).all())
+async def claim_outbox_batch(conn: AsyncConnection, limit: int) -> list[Row[Any]]:
+    return list((await conn.execute(_CLAIM_SQL, {"limit": limit})).all())
 
 
 async def mark_published(conn: AsyncConnection, ids: Sequence[int]) -> None:

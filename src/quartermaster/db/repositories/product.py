@@ -95,13 +95,6 @@ async def update_product(conn: AsyncConnection, product_id: int, values: dict[st
     return (await conn.execute(stmt)).scalar_one_or_none() is not None
 
 
-async def products_for_sale(conn: AsyncConnection, product_ids: list[int]) -> dict[int, Any]:
-    stmt = select(
-        products.c.id, products.c.unit_price, products.c.currency, products.c.active
-    ).where(products.c.id.in_(product_ids))
-    return {row.id: row for row in await conn.execute(stmt)}
-
-
 async def customer_and_products(
     conn: AsyncConnection, customer_id: int, product_ids: list[int]
 ) -> tuple[Any, dict[int, Any]]:

@@ -7,14 +7,11 @@ from sqlalchemy import (
     ColumnElement,
     Select,
     Table,
-    bindparam,
     func,
-    insert,
     select,
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -96,42 +93,87 @@ async def lock_levels(conn: AsyncConnection, level_ids: list[int]) -> list[Row[A
     return list((await conn.execute(stmt)).all())
 
 
+# Creates the level when it is missing and locks it either way, in one statement: the no-op
+# DO UPDATE takes the row lock that a plain ON CONFLICT DO NOTHING would not.
+_LOCK_OR_CREATE_LEVEL = text(
+    "INSERT INTO stock_levels (product_id, warehouse_id, on_hand, reserved, low_stock_threshold) "
+    "VALUES (:product_id, :warehouse_id, 0, 0, 10) "
+    "ON CONFLICT (product_id, warehouse_id) DO UPDATE SET product_id = EXCLUDED.product_id "
+    f"RETURNING {', '.join(c.name for c in stock_levels.c)}"
+).columns(*stock_levels.c)
+
+
 async def lock_or_create_level(
     conn: AsyncConnection, product_id: int, warehouse_id: int
 ) -> Row[Any]:
-    await conn.execute(
-        pg_insert(stock_levels)
-        .values(product_id=product_id, warehouse_id=warehouse_id, on_hand=0, reserved=0,
-                low_stock_threshold=10)
-        .on_conflict_do_nothing(index_elements=["product_id", "warehouse_id"])
-    )  # fmt: skip
-    stmt = (
-        select(stock_levels)
-        .where(stock_levels.c.product_id == product_id)
-        .where(stock_levels.c.warehouse_id == warehouse_id)
-        .with_for_update()
-    )
-    return (await conn.execute(stmt)).one()
+    params = {"product_id": product_id, "warehouse_id": warehouse_id}
+    return (await conn.execute(_LOCK_OR_CREATE_LEVEL, params)).one()
 
 
-async def apply_level_deltas(conn: AsyncConnection, changes: list[dict[str, Any]]) -> None:
-    """``changes``: dicts with ``level_id``, ``on_hand_delta``, ``reserved_delta`` (rows locked).
+_PRODUCT_AND_WAREHOUSE_EXIST = text(
+    "SELECT EXISTS (SELECT 1 FROM products WHERE id = :product_id) AS product, "
+    "EXISTS (SELECT 1 FROM warehouses WHERE id = :warehouse_id) AS warehouse"
+)
 
-    Written as expressions, never as computed values, and the CHECK constraint stays the last
-    line of defence against overselling.
+
+async def product_and_warehouse_exist(
+    conn: AsyncConnection, product_id: int, warehouse_id: int
+) -> tuple[bool, bool]:
+    """Whether the product and the warehouse exist: one round trip."""
+    params = {"product_id": product_id, "warehouse_id": warehouse_id}
+    row = (await conn.execute(_PRODUCT_AND_WAREHOUSE_EXIST, params)).one()
+    return bool(row.product), bool(row.warehouse)
+
+
+# Every change of stock levels in one statement: the deltas as expressions on the locked rows
+# (the CHECK constraint stays the last line of defence), one ledger row each, and one
+# ``stock.changed`` outbox event each, built from the levels as the UPDATE left them.
+_RECORD_CHANGES_SQL = text(
     """
+WITH x AS (
+  SELECT * FROM unnest(CAST(:level_ids AS bigint[]), CAST(:on_hand_deltas AS int[]),
+                       CAST(:reserved_deltas AS int[]), CAST(:reasons AS text[]),
+                       CAST(:order_ids AS bigint[]))
+    WITH ORDINALITY AS x(level_id, on_hand_delta, reserved_delta, reason, order_id, ord)),
+u AS (
+  UPDATE stock_levels AS sl
+  SET on_hand = sl.on_hand + x.on_hand_delta, reserved = sl.reserved + x.reserved_delta,
+      updated_at = now()
+  FROM x WHERE sl.id = x.level_id
+  RETURNING sl.id, sl.product_id, sl.warehouse_id, sl.on_hand, sl.reserved,
+            sl.low_stock_threshold, x.on_hand_delta, x.reserved_delta, x.reason, x.order_id,
+            x.ord),
+m AS (
+  INSERT INTO stock_movements (stock_level_id, reason, on_hand_delta, reserved_delta, order_id)
+  SELECT level_id, reason, on_hand_delta, reserved_delta, order_id FROM x ORDER BY ord),
+e AS (
+  INSERT INTO outbox (topic, key, payload)
+  SELECT 'stock.changed', 'stock_level:' || u.id,
+         jsonb_build_object('stock_level_id', u.id, 'product_id', u.product_id,
+                            'warehouse_id', u.warehouse_id, 'reason', u.reason,
+                            'on_hand_delta', u.on_hand_delta,
+                            'reserved_delta', u.reserved_delta, 'on_hand', u.on_hand,
+                            'reserved', u.reserved, 'low_stock_threshold', u.low_stock_threshold,
+                            'order_id', u.order_id)
+  FROM u ORDER BY u.ord)
+SELECT count(*) FROM u
+"""
+)
+
+
+async def record_level_changes(conn: AsyncConnection, changes: list[dict[str, Any]]) -> int:
+    """``changes``: dicts with ``level_id`` (locked, each at most once), ``on_hand_delta``,
+    ``reserved_delta``, ``reason`` and ``order_id``. Returns how many levels changed."""
     if not changes:
-        return
-    stmt = (
-        update(stock_levels)
-        .where(stock_levels.c.id == bindparam("level_id"))
-        .values(
-            on_hand=stock_levels.c.on_hand + bindparam("on_hand_delta"),
-            reserved=stock_levels.c.reserved + bindparam("reserved_delta"),
-            updated_at=func.now(),
-        )
-    )
-    await conn.execute(stmt, changes)
+        return 0
+    params = {
+        "level_ids": [c["level_id"] for c in changes],
+        "on_hand_deltas": [c["on_hand_delta"] for c in changes],
+        "reserved_deltas": [c["reserved_delta"] for c in changes],
+        "reasons": [c["reason"] for c in changes],
+        "order_ids": [c["order_id"] for c in changes],
+    }
+    return int((await conn.execute(_RECORD_CHANGES_SQL, params)).scalar_one())
 
 
 async def set_threshold(conn: AsyncConnection, level_id: int, threshold: int) -> None:
@@ -140,11 +182,6 @@ async def set_threshold(conn: AsyncConnection, level_id: int, threshold: int) ->
         .where(stock_levels.c.id == level_id)
         .values(low_stock_threshold=threshold, updated_at=func.now())
     )
-
-
-async def insert_movements(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        await conn.execute(insert(movements), rows)
 
 
 async def allocations_of_order(conn: AsyncConnection, order_id: int) -> list[Any]:
@@ -169,8 +206,3 @@ async def allocations_of_order(conn: AsyncConnection, order_id: int) -> list[Any
         .order_by(order_lines.c.product_id, allocations.c.warehouse_id)
     )
     return list((await conn.execute(stmt)).all())
-
-
-async def warehouse_exists(conn: AsyncConnection, warehouse_id: int) -> bool:
-    stmt = select(warehouses.c.id).where(warehouses.c.id == warehouse_id)
-    return (await conn.execute(stmt)).first() is not None
