@@ -6,6 +6,7 @@ import time
 
 import jwt
 import pytest
+from click.testing import CliRunner
 from graphql import parse
 
 from quartermaster import policy
@@ -20,8 +21,9 @@ from quartermaster.auth import (
     parse_ttl,
     principal_from_header,
 )
+from quartermaster.cli import main
 from quartermaster.config import AccessSettings
-from quartermaster.schema.access import LIST_ESTIMATE, analyze
+from quartermaster.schema.access import COUNT_COST, LIST_ESTIMATE, analyze
 
 SECRET = "x" * 40
 
@@ -156,3 +158,51 @@ def test_cost_multiplies_connections_by_page_size_and_counts_fragments() -> None
     assert cost(fragment) == 1 + 2 + 2 + 2 + 2 * LIST_ESTIMATE
     assert cost('{ nodes(ids: ["a", "b", "c"]) { id } }') == 1
     assert cost('{ nodes(ids: ["a", "b", "c"]) { ... on Order { customer { name } } } }') == 1 + 3
+
+
+def test_sql_backed_scalars_cost_and_plain_scalars_are_free() -> None:
+    # plain columns of a row already read cost nothing
+    assert cost("{ products(first: 10) { edges { node { id sku name unitPrice } } } }") == 21
+    # a COUNT is a statement of its own, once per connection (not per edge of its page)
+    assert COUNT_COST > 1
+    assert cost("{ orders(first: 1) { totalCount } }") == 1 + COUNT_COST
+    assert cost("{ orders(first: 100) { totalCount } }") == 1 + COUNT_COST
+    # ... and once per parent of a nested connection
+    nested = "{ customers(first: 10) { edges { node { orders(first: 5) { totalCount } } } } }"
+    assert cost(nested) == 1 + 10 + 10 + 10 + 10 * COUNT_COST
+    # availableQuantity reads the product's stock levels, like `stock`
+    assert (
+        cost("{ products(first: 10) { edges { node { availableQuantity } } } }") == 1 + 10 + 10 + 10
+    )
+    # pageInfo comes from the page already read: once per connection
+    assert cost("{ products(first: 100) { pageInfo { hasNextPage endCursor } } }") == 1 + 1
+    fragment = (
+        "{ products(first: 4) { ...C } } fragment C on ProductConnection "
+        "{ totalCount edges { node { sku } } }"
+    )
+    assert cost(fragment) == 1 + COUNT_COST + 4 + 4
+
+
+def test_token_command_mints_a_token_the_server_accepts() -> None:
+    runner = CliRunner()
+    env = {"QM_AUTH_SECRET": SECRET, "QM_ENV": "development"}
+    result = runner.invoke(
+        main, ["token", "--role", "customer", "--customer", "42", "--ttl", "15m"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    principal = principal_from_header(SECRET, f"Bearer {result.output.strip()}")
+    assert (principal.role, principal.customer_id) == (Role.CUSTOMER, 42)
+    assert principal.expires_at is not None
+    assert 890 < principal.expires_at - time.time() <= 900
+    staff = runner.invoke(main, ["token", "--role", "STAFF"], env=env)
+    assert staff.exit_code == 0, staff.output
+    principal = decode_token(SECRET, staff.output.strip())
+    assert (principal.role, principal.customer_id) == (Role.STAFF, None)
+    assert principal.expires_at is not None
+    assert 12 * 3600 - 10 < principal.expires_at - time.time() <= 12 * 3600  # the default ttl
+    with pytest.raises(AuthenticationError):  # signed with QM_AUTH_SECRET, nothing else
+        decode_token("z" * 40, staff.output.strip())
+    # a CUSTOMER token without a customer, a bad ttl: usage errors, no token
+    for args in (["--role", "CUSTOMER"], ["--role", "ADMIN", "--ttl", "soon"]):
+        refused = runner.invoke(main, ["token", *args], env=env)
+        assert refused.exit_code == 2 and "." not in refused.stdout.strip(), refused.output

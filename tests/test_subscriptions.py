@@ -86,7 +86,8 @@ GHOST_SUBSCRIPTION = SUBSCRIPTION.replace("product { id sku }", "")
 @dataclasses.dataclass
 class World:
     a: str  # mutations
-    b: str  # subscriptions; queue 20, 4 operations per connection, 1 s init timeout
+    b: str  # subscriptions; queue 20, 4 operations per connection, 1 s init timeout,
+    # customers limited to 10 cost points per 10 minutes
     redis_url: str
     database_url: str
     products: list[int]
@@ -147,7 +148,8 @@ async def world(live_database: str, live_redis: str, relay: None) -> AsyncIterat
     finally:
         await conn.close()
     limits = {"QM_LIVE_QUEUE_SIZE": "20", "QM_LIVE_MAX_SUBSCRIPTIONS": "4",
-              "QM_LIVE_INIT_TIMEOUT_S": "1"}  # fmt: skip
+              "QM_LIVE_INIT_TIMEOUT_S": "1", "QM_RATE_WINDOW_S": "600",
+              "QM_RATE_LIMITS": "ANONYMOUS=5000,CUSTOMER=10,STAFF=500000,ADMIN=0"}  # fmt: skip
     with ExitStack() as stack:
         a, b = _start_together(stack, [env, {**env, **limits}])
         yield World(
@@ -868,3 +870,109 @@ async def test_customers_and_anonymous_callers_see_availability_only(world: Worl
         assert refused["payload"]["errors"][0]["extensions"]["code"] == "FORBIDDEN"
         await anonymous.subscribe("b", availability, p=[pid(GHOST_PRODUCT)])
         await anonymous.silent("b", 0.3)
+
+
+AVAILABILITY = (
+    "subscription($p: [ID!]) { stockChanged(productIds: $p) "
+    "{ cursor reason stockLevel { id available isLow } } }"
+)  # costs 2
+
+
+def customer_token(world: World, **claims: Any) -> str:
+    from quartermaster.auth import DEV_SECRET, Role, mint_token
+
+    subject = f"live-customer-{uuid.uuid4().hex[:8]}"  # a bucket of its own
+    return mint_token(
+        DEV_SECRET, Role.CUSTOMER, customer_id=world.customer, subject=subject, **claims
+    )
+
+
+async def test_a_customer_receives_availability_events(world: World) -> None:
+    product, warehouse = world.products[9], world.warehouses[1]
+    async with client(world.b, {"token": customer_token(world)}) as c:
+        await c.subscribe("s", AVAILABILITY, p=[pid(product)])
+        await settle(c, "s")
+        level = await adjusted(world.a, product, warehouse, 4)
+        [event] = await c.events("s", 1)
+        assert re.fullmatch(r"\d+-\d+", event.pop("cursor"))
+        assert event == {
+            "reason": "ADJUSTMENT",
+            "stockLevel": {"id": level["id"], "available": level["available"],
+                           "isLow": level["isLow"]},
+        }  # fmt: skip
+        await c.silent("s", 0.3)
+
+
+async def test_websocket_operations_are_charged_to_the_callers_rate_limit(world: World) -> None:
+    """Server B allows a customer 10 points: what the socket runs is charged to the same bucket
+    as the caller's HTTP requests, and refusals are coded errors on a socket that stays open."""
+    token = customer_token(world)
+    page = "{ products(first: 2) { edges { node { id } } } }"  # costs 5
+    customer = encode_id("Customer", world.customer)
+    mutation = (  # costs 2
+        f'mutation {{ placeOrder(input: {{customerId: "{customer}", lines: []}}) '
+        "{ errors { code } } }"
+    )
+    async with client(world.b, {"token": token}) as c:
+        await c.subscribe("s", AVAILABILITY, p=[pid(GHOST_PRODUCT)])  # 2 of 10
+        await settle(c, "s")
+        await c.send({"id": "m1", "type": "subscribe", "payload": {"query": mutation}})  # 4
+        placed = await c.message("m1")
+        assert placed["payload"]["data"] == {"placeOrder": {"errors": [{"code": "INVALID_INPUT"}]}}
+        assert placed["payload"]["extensions"]["consistencyToken"].startswith("qm1.")
+        assert (await c.message("m1"))["type"] == "complete"
+        await c.send({"id": "q1", "type": "subscribe", "payload": {"query": page}})  # 9 of 10
+        first = await c.message("q1")
+        assert first["type"] == "next" and "errors" not in first["payload"], first
+        assert len(first["payload"]["data"]["products"]["edges"]) == 2
+        assert (await c.message("q1"))["type"] == "complete"
+        refused = {"q2": page, "m2": mutation}
+        for op, query in refused.items():
+            await c.send({"id": op, "type": "subscribe", "payload": {"query": query}})
+        await c.subscribe("s2", AVAILABILITY, p=[pid(GHOST_PRODUCT)])
+        for op in (*refused, "s2"):
+            message = await c.message(op)
+            assert message["type"] == "next" and message["payload"]["data"] is None, message
+            [error] = message["payload"]["errors"]
+            assert error["extensions"]["code"] == "RATE_LIMITED", error
+            assert error["extensions"]["retryAfter"] >= 1
+            assert (await c.message(op))["type"] == "complete"
+        # one point is left: a cheap query still runs, on the same connection
+        await c.send({"id": "v", "type": "subscribe", "payload": {"query": "{ viewer { role } }"}})
+        assert (await c.message("v"))["payload"] == {"data": {"viewer": {"role": "CUSTOMER"}}}
+        async with httpx.AsyncClient(base_url=world.b, timeout=10) as http:
+            over_http = await http.post(
+                "/graphql",
+                json={"query": "{ viewer { role } }"},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        assert over_http.status_code == 429, over_http.text
+        await c.silent("s", 0.2)  # the first subscription is untouched
+
+
+async def test_an_sse_stream_ends_when_its_token_expires(world: World) -> None:
+    from quartermaster.auth import DEV_SECRET, Role, mint_token
+
+    token = mint_token(DEV_SECRET, Role.STAFF, subject="live-sse-expiring", ttl_s=2)
+    body = {"query": GHOST_SUBSCRIPTION, "variables": {"p": [pid(GHOST_PRODUCT)]}}
+    headers = {"accept": "text/event-stream", "Authorization": f"Bearer {token}"}
+    events: list[tuple[str, str]] = []
+    started = time.monotonic()
+    async with (
+        httpx.AsyncClient(base_url=world.b, timeout=15) as http,
+        http.stream("POST", "/graphql", json=body, headers=headers) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        name = ""
+        async with asyncio.timeout(12):
+            async for line in response.aiter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    events.append((name, line[6:]))
+    elapsed = time.monotonic() - started
+    assert [name for name, _ in events] == ["next", "complete"], events
+    last = json.loads(events[0][1])
+    assert [e["extensions"]["code"] for e in last["errors"]] == ["TOKEN_EXPIRED"], last
+    assert 0.5 < elapsed < 8  # when the token ran out, not at once and not never

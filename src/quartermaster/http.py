@@ -15,20 +15,21 @@ from cross_web import HTTPException  # what strawberry raises for malformed requ
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 from sqlalchemy import text
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.http import GraphQLHTTPResponse
-from strawberry.types import ExecutionResult
+from strawberry.types import ExecutionResult, SubscriptionExecutionResult
 from strawberry.types.unset import UNSET, UnsetType
 
-from quartermaster.auth import AuthenticationError, principal_from_header
+from quartermaster.auth import AuthenticationError, Principal, principal_from_header
 from quartermaster.context import Context
 from quartermaster.db.engine import StatementStats, current_stats
 from quartermaster.db.replica import TOKEN_HEADER, InvalidConsistencyToken, decode_token
+from quartermaster.live.expiry import until_expiry
 from quartermaster.live.transport import LiveTransportWSHandler, bearer_token
 from quartermaster.schema.extensions import normalize_error
 from quartermaster.workers.monitor import snapshot
@@ -94,10 +95,15 @@ class GraphQLView(GraphQL[Context, None]):
             db=state.db,
             request_id=request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex,
             request=request,
-            response=response,
+            # A WebSocket has no response headers to add to (strawberry passes the socket here,
+            # whose request headers are read-only: a mutation's consistency token would fail).
+            response=response if isinstance(request, Request) else None,
             metrics=state.metrics,
             redis=state.redis,
             live=getattr(state, "live", None),
+            # Every transport charges the same limiter: HTTP requests and each operation on a
+            # WebSocket alike (the bucket is chosen once the caller is known).
+            rate_limiter=getattr(state, "rate_limiter", None),
         )
         if isinstance(request, Request):
             self._authenticate(context, request)
@@ -121,8 +127,7 @@ class GraphQLView(GraphQL[Context, None]):
             raise CodedHTTPException(
                 401, exc.message, exc.code, {"WWW-Authenticate": 'Bearer realm="quartermaster"'}
             ) from exc
-        context.rate_limiter = getattr(self.app_state, "rate_limiter", None)
-        context.rate_key = context.principal.rate_key or f"ip:{client_address(request, settings)}"
+        context.rate_key = rate_key(context.principal, request, settings)
 
     async def on_ws_connect(self, context: Context) -> UnsetType | None:
         """``connection_init``: the bearer token of the payload (``{"token": "…"}`` or
@@ -137,7 +142,29 @@ class GraphQLView(GraphQL[Context, None]):
                 )
             except AuthenticationError as exc:
                 raise ConnectionRejectionError({"code": exc.code, "message": exc.message}) from exc
+        request = context.request
+        if isinstance(request, HTTPConnection):
+            # The same bucket as the caller's HTTP requests: the token's subject, or the address.
+            context.rate_key = rate_key(context.principal, request, context.settings)
         return UNSET
+
+    async def execute_operation(
+        self,
+        request: Request,
+        request_adapter: Any,
+        request_data: Any,
+        context: Context,
+        root_value: Any,
+        sub_response: Any,
+    ) -> Any:
+        result = await super().execute_operation(
+            request, request_adapter, request_data, context, root_value, sub_response
+        )
+        expires_at = context.principal.expires_at
+        if expires_at is not None and isinstance(result, SubscriptionExecutionResult):
+            # A stream over HTTP (graphql-sse) ends when its token does, like a WebSocket.
+            return until_expiry(result, expires_at)
+        return result
 
     def parse_json(self, data: str | bytes) -> Any:
         try:
@@ -220,7 +247,12 @@ def _refuse_simple_posts(request: Request) -> None:
         )
 
 
-def client_address(request: Request, settings: Any) -> str:
+def rate_key(principal: Principal, connection: HTTPConnection, settings: Any) -> str:
+    """The caller's rate-limit bucket: the token's subject, else the client address."""
+    return principal.rate_key or f"ip:{client_address(connection, settings)}"
+
+
+def client_address(request: HTTPConnection, settings: Any) -> str:
     """The caller's address: the first ``X-Forwarded-For`` hop when a trusted proxy sets it."""
     if settings.access.trust_forwarded_for:
         forwarded = request.headers.get("x-forwarded-for", "")

@@ -8,8 +8,12 @@ Three kinds of rule, all here, each enforced by one mechanism:
 - **Rows** (``scope``): which rows of a table a role may read. Applied as a ``WHERE`` to every
   statement that reads rows for the API — the per-request loaders (so ``node``/``nodes`` and every
   nested field) and the root connections — so someone else's row is simply not found.
-- **Writes** (``mutation_target``): what a customer may write to (their own customer record,
-  their own quotations). Mutations ask it inside their unit of work.
+- **Writes**: which mutations a role may use at all is a field rule (above). What a customer may
+  write to is decided by the same two mechanisms plus one check: ``customer_target`` (they
+  place orders for themselves only, ``FORBIDDEN`` otherwise), and the row scope — a mutation on
+  an existing object (accepting a quotation) first reads it through ``scope``
+  (``resolvers/common.py: require_visible``), so someone else's is ``NOT_FOUND``, exactly like
+  an id that does not exist.
 
 Staff are not slowed down by any of this: their scope adds no SQL, and the field check is a set
 lookup per selected field.
@@ -125,10 +129,3 @@ def customer_target(principal: Principal, customer_id: int) -> Refusal | None:
     if principal.role is Role.CUSTOMER and principal.customer_id != customer_id:
         return Refusal("FORBIDDEN", "Customers can only place orders for themselves.")
     return None
-
-
-def owns(principal: Principal, customer_id: int | None) -> bool:
-    """Is a row of ``customer_id`` the caller's (always true for staff)?"""
-    return principal.is_staff or (
-        principal.role is Role.CUSTOMER and principal.customer_id == customer_id
-    )

@@ -3,15 +3,20 @@
 ``analyze`` walks the operation once (fragments expanded) and returns every selected
 ``(parent type, field)`` pair and the operation's cost:
 
-- a scalar or enum field costs 0, any other field 1;
-- a connection (a field with ``first``/``last``) multiplies what is selected under it by the page
-  size asked for (the default page size when neither is given, capped at the maximum);
-- ``nodes(ids: [...])`` multiplies by the number of ids; other list fields (but a connection's
-  ``edges``) by ``LIST_ESTIMATE``.
+- a field that costs a query costs 1 per parent it is selected on: every object field (a row
+  or a batch of rows), and the few scalars backed by SQL of their own (``SQL_SCALARS``);
+  ``totalCount`` is a ``COUNT`` over the whole list and costs ``COUNT_COST``;
+- every other scalar or enum field (a column of a row already read) costs 0;
+- a connection's page size (``first``/``last``, the default page size when neither is given,
+  capped at the maximum) multiplies its ``edges`` and what is under them; ``totalCount`` and
+  ``pageInfo`` come once per connection;
+- ``nodes(ids: [...])`` multiplies by the number of ids; other list fields by ``LIST_ESTIMATE``.
 
 ``AccessPolicy`` (a schema extension) asks ``quartermaster.policy`` about every pair, compares the
 cost with the caller's budget, charges the rate limiter, and answers with an error and no data
-when any of these refuses (the cost and the budget are in the error's extensions).
+when any of these refuses (the cost and the budget are in the error's extensions). It runs for
+every operation on every transport: HTTP requests, each operation on a WebSocket (queries,
+mutations and subscription starts alike) and graphql-sse streams.
 """
 
 from __future__ import annotations
@@ -48,6 +53,20 @@ from quartermaster.auth import ANONYMOUS
 
 #: What a list field without page arguments is assumed to hold (order lines, stock per product).
 LIST_ESTIMATE = 10
+#: A connection's ``totalCount``: a ``COUNT`` reads every row of the filtered list, not one page,
+#: so it costs like a list field without page arguments.
+COUNT_COST = LIST_ESTIMATE
+#: Scalars that read rows of their own (through a loader), costed like an object field.
+SQL_SCALARS: dict[tuple[str, str], int] = {
+    ("Product", "availableQuantity"): 1,  # sums the product's stock levels
+}
+
+
+def scalar_cost(parent: str, field_name: str) -> int:
+    """What selecting the scalar ``parent.field_name`` once costs (0: a column already read)."""
+    if field_name == "totalCount" and parent.endswith("Connection"):
+        return COUNT_COST
+    return SQL_SCALARS.get((parent, field_name), 0)
 
 
 @dataclass
@@ -108,19 +127,26 @@ class _Walker:
         self.analysis = analysis
 
     def selection_set(
-        self, parent: Any, selection_set: SelectionSetNode | None, multiplier: int, seen: set[str]
+        self,
+        parent: Any,
+        selection_set: SelectionSetNode | None,
+        multiplier: int,
+        seen: set[str],
+        page: int = 1,
     ) -> int:
+        """The cost of ``selection_set`` selected ``multiplier`` times; ``page`` is the page size
+        when ``parent`` is a connection (it multiplies the ``edges`` only)."""
         if selection_set is None:
             return 0
         cost = 0
         for selection in selection_set.selections:
             if isinstance(selection, FieldNode):
-                cost += self.field(parent, selection, multiplier, seen)
+                cost += self.field(parent, selection, multiplier, seen, page)
             elif isinstance(selection, InlineFragmentNode):
                 target = parent
                 if selection.type_condition is not None:
                     target = self.schema.get_type(selection.type_condition.name.value) or parent
-                cost += self.selection_set(target, selection.selection_set, multiplier, seen)
+                cost += self.selection_set(target, selection.selection_set, multiplier, seen, page)
             elif isinstance(selection, FragmentSpreadNode):
                 name = selection.name.value
                 fragment = self.fragments.get(name)
@@ -128,11 +154,13 @@ class _Walker:
                     continue  # validation reports unknown or cyclic fragments
                 target = self.schema.get_type(fragment.type_condition.name.value) or parent
                 cost += self.selection_set(
-                    target, fragment.selection_set, multiplier, seen | {name}
+                    target, fragment.selection_set, multiplier, seen | {name}, page
                 )
         return cost
 
-    def field(self, parent: Any, node: FieldNode, multiplier: int, seen: set[str]) -> int:
+    def field(
+        self, parent: Any, node: FieldNode, multiplier: int, seen: set[str], page: int = 1
+    ) -> int:
         name = node.name.value
         if name.startswith("__"):
             return 0
@@ -145,10 +173,17 @@ class _Walker:
             return 0
         field_type = definition.type
         named = get_named_type(field_type)
+        on_connection = parent_name.endswith("Connection")
+        if on_connection and name == "edges":
+            multiplier *= page  # one edge per row of the page; the list needs no other estimate
         if is_leaf_type(named):
-            return 0
-        # A connection's page size already multiplies what is under it, edges included.
-        fan_out = 1 if parent_name.endswith("Connection") else self.fan_out(node, field_type)
+            return multiplier * scalar_cost(parent_name, name)
+        if getattr(named, "name", "").endswith("Connection"):
+            inner = self.selection_set(
+                named, node.selection_set, multiplier, seen, self.fan_out(node, field_type)
+            )
+            return multiplier + inner
+        fan_out = 1 if on_connection else self.fan_out(node, field_type)
         return multiplier + self.selection_set(
             named, node.selection_set, multiplier * fan_out, seen
         )
@@ -226,10 +261,11 @@ class AccessPolicy(SchemaExtension):
                 if not decision.allowed:
                     context.retry_after = decision.retry_after
                     request = getattr(context, "request", None)
-                    if request is not None:  # the HTTP view answers 429 + Retry-After
-                        request.scope.setdefault("state", {})["qm_retry_after"] = (
-                            decision.retry_after
-                        )
+                    scope = getattr(request, "scope", None)
+                    if scope is not None and scope.get("type") == "http":
+                        # the HTTP view answers 429 + Retry-After; a socket has no status, so
+                        # WebSocket callers get only the error (code and retryAfter)
+                        scope.setdefault("state", {})["qm_retry_after"] = decision.retry_after
                     error = GraphQLError(
                         f"Rate limit reached; retry in {decision.retry_after:.0f} s.",
                         extensions={"code": "RATE_LIMITED", "retryAfter": decision.retry_after},
