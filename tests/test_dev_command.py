@@ -4,22 +4,40 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.servers import free_port
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def _start(data_dir: Path, port: int) -> subprocess.Popen[str]:
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """Where ``dev`` keeps its servers' data. Not under tmp_path: as root the servers run as
+    another user, who must traverse every folder above their data, and every new pytest
+    session (another one running at the same time, say) resets /tmp/pytest-of-root to 0700."""
+    path = ROOT / ".qm-data" / "dev-tests" / uuid.uuid4().hex[:10]
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _start(data_dir: Path, port: int, *options: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("QM_")}
     env.update({"QM_DATA_DIR": str(data_dir), "QM_LOG_LEVEL": "warning"})
     return subprocess.Popen(
-        [sys.executable, "-m", "quartermaster.cli", "dev", "--port", str(port)],
+        [sys.executable, "-m", "quartermaster.cli", "dev", "--port", str(port), *options],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -61,8 +79,8 @@ def _stop(process: subprocess.Popen[str], signum: int = signal.SIGINT) -> str:
     return out
 
 
-def _postgres_running(data_dir: Path) -> bool:
-    pid_file = data_dir / "postgres" / "postmaster.pid"
+def _postgres_running(pgdata: Path) -> bool:
+    pid_file = pgdata / "postmaster.pid"
     if not pid_file.exists():
         return False
     pid = int(pid_file.read_text().split()[0])
@@ -73,8 +91,7 @@ def _postgres_running(data_dir: Path) -> bool:
     return True
 
 
-def test_dev_starts_everything_seeds_once_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    data_dir = tmp_path / "qm-data"
+def test_dev_starts_everything_seeds_once_and_stops_on_ctrl_c(data_dir: Path) -> None:
     port = free_port()
     process = _start(data_dir, port)
     try:
@@ -99,7 +116,7 @@ def test_dev_starts_everything_seeds_once_and_stops_on_ctrl_c(tmp_path: Path) ->
     finally:
         output = _stop(process)
     assert process.returncode == 0, output
-    assert not _postgres_running(data_dir), output
+    assert not _postgres_running(data_dir / "postgres"), output
 
     # A second start keeps the data and does not seed again; a stop signal right after the
     # address is printed (SIGTERM this time, as a process manager sends) still stops cleanly.
@@ -111,4 +128,50 @@ def test_dev_starts_everything_seeds_once_and_stops_on_ctrl_c(tmp_path: Path) ->
         output += _stop(process, signal.SIGTERM)
     assert process.returncode == 0, output
     assert "stopped." in output
-    assert not _postgres_running(data_dir), output
+    assert not _postgres_running(data_dir / "postgres"), output
+
+
+def _statements(metrics: str, database: str) -> float:
+    match = re.search(rf'^qm_sql_statements_total{{database="{database}"}} (\S+)$', metrics, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_dev_replica_reads_from_the_streaming_replica_and_ctrl_c_stops_both(
+    data_dir: Path,
+) -> None:
+    servers = [data_dir / "replicated" / "primary", data_dir / "replicated" / "replica"]
+    port = free_port()
+    process = _start(data_dir, port, "--replica")
+    try:
+        url, output = _wait_for_url(process)
+        assert "primary + streaming replica" in output
+        token = _read_token(process)
+        base = f"http://127.0.0.1:{port}"
+        assert all(_postgres_running(pgdata) for pgdata in servers), output
+
+        ready = httpx.get(f"{base}/health/ready", timeout=5)
+        assert ready.status_code == 200, ready.text
+        body = ready.json()
+        assert body["status"] == "ok", body
+        assert body["checks"]["replica"] == "ok"
+        assert body["reads"]["target"] == "replica"
+        assert body["reads"]["replicaHealthy"] is True
+
+        # A query reads the seeded data from the replica.
+        before = httpx.get(f"{base}/metrics", timeout=5).text
+        response = httpx.post(
+            url,
+            json={"query": "{ products { totalCount } }"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=5,
+        )
+        assert response.json()["data"]["products"]["totalCount"] == 2000
+        after = httpx.get(f"{base}/metrics", timeout=5).text
+        assert 'qm_reads_target{database="replica"} 1.0' in after
+        # (Not "none on the primary": /metrics itself may run SQL there every 5 s.)
+        assert _statements(after, "replica") > _statements(before, "replica")
+    finally:
+        output = _stop(process)
+    assert process.returncode == 0, output
+    assert "stopped." in output
+    assert not any(_postgres_running(pgdata) for pgdata in servers), output

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import shutil
 import time
 import uuid
@@ -279,7 +280,8 @@ async def test_replica_down_reads_go_to_the_primary_and_come_back(
             assert counter == Counter({"primary": 1})
     finally:
         pair.start_replica()
-    back_after = await wait_for_replica_reads(app, PROBE_S + 1.0)
+    # One probe interval at most, plus one probe round (a few ms; more on a busy machine).
+    back_after = await wait_for_replica_reads(app, 2 * PROBE_S + 0.2)
     print(f"reads back on the replica {back_after:.2f} s after it accepted connections")
     metrics = (await client.get("/metrics")).text
     assert 'qm_reads_target{database="replica"} 1.0' in metrics
@@ -289,6 +291,102 @@ async def test_replica_down_reads_go_to_the_primary_and_come_back(
     with counting(app) as counter:
         await post(client, PRODUCT, {"sku": product["sku"]})
         assert counter == Counter({"replica": 1})
+
+
+def gauge(metrics: str, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", metrics, re.MULTILINE)
+    assert match, f"{name} is not in /metrics"
+    return float(match.group(1))
+
+
+async def observed_lag(client: httpx.AsyncClient) -> tuple[dict[str, Any], tuple[float, float]]:
+    """``reads`` of /health/ready, and (lag seconds, lag bytes) of /metrics."""
+    ready = await client.get("/health/ready")
+    assert ready.status_code == 200, ready.text
+    metrics = (await client.get("/metrics")).text
+    lag = gauge(metrics, "qm_replica_lag_seconds"), gauge(metrics, "qm_replica_lag_bytes")
+    reads: dict[str, Any] = ready.json()["reads"]
+    return reads, lag
+
+
+async def test_replica_lag_shows_in_ready_and_metrics_while_the_delay_is_pending(
+    app: Starlette, client: httpx.AsyncClient
+) -> None:
+    await wait_for_replica_reads(app, 10)
+    product = await a_product(client)
+    deadline = time.monotonic() + APPLY_DELAY_S + 5
+    while True:  # earlier tests' writes may still wait for their delay
+        reads, lag = await observed_lag(client)
+        if lag == (0, 0) and reads["replicaLagSeconds"] == 0 and reads["replicaLagBytes"] == 0:
+            break
+        assert time.monotonic() < deadline, (reads, lag)
+        await asyncio.sleep(0.05)
+    assert set(reads) == {"target", "replicaHealthy", "replicaLagSeconds", "replicaLagBytes"}
+
+    await post(client, RENAME, {"id": product["id"], "name": f"Lagging {uuid.uuid4().hex[:8]}"})
+    written_at = time.monotonic()
+    ready_lagged = metrics_lagged = False
+    peak = 0.0
+    while not (ready_lagged and metrics_lagged):  # while the 2 s apply delay is pending
+        assert time.monotonic() - written_at < APPLY_DELAY_S, "no lag shown during the delay"
+        reads, (seconds, lag_bytes) = await observed_lag(client)
+        ready_lagged |= reads["replicaLagSeconds"] > 0 and reads["replicaLagBytes"] > 0
+        metrics_lagged |= seconds > 0 and lag_bytes > 0
+        peak = max(peak, seconds)
+        await asyncio.sleep(0.05)
+
+    while True:  # the delayed commit is replayed: both come back to 0
+        reads, (seconds, lag_bytes) = await observed_lag(client)
+        peak = max(peak, seconds)
+        if (seconds, lag_bytes) == (0, 0) and (
+            reads["replicaLagSeconds"],
+            reads["replicaLagBytes"],
+        ) == (0, 0):
+            break
+        assert time.monotonic() - written_at < APPLY_DELAY_S + 5, (reads, seconds, lag_bytes)
+        await asyncio.sleep(0.05)
+    back_after = time.monotonic() - written_at
+    print(f"lag peaked at {peak:.2f} s, back to 0 after {back_after:.2f} s")
+    assert back_after >= APPLY_DELAY_S * 0.9  # not before the replica replayed the commit
+    # The lag shown is the real one: most of the delay (to the probe interval), not more.
+    assert APPLY_DELAY_S / 2 <= peak <= APPLY_DELAY_S + 1
+
+
+async def test_the_lag_is_probed_per_round_not_per_query(
+    app: Starlette, client: httpx.AsyncClient
+) -> None:
+    await wait_for_replica_reads(app, 10)
+    product = await a_product(client)
+    probes: Counter[str] = Counter()
+    hooks = []
+    for name, engine in zip(("primary", "replica"), app.state.db.monitor.engines, strict=True):
+
+        def hook(*args: Any, _name: str = name) -> None:
+            probes[_name] += 1
+
+        event.listen(engine.sync_engine, "before_cursor_execute", hook)
+        hooks.append((engine.sync_engine, hook))
+    queries = 0
+    try:
+        with counting(app) as served:
+            started = time.monotonic()
+            # At least 200 queries, and long enough for a few probe rounds.
+            while queries < 200 or time.monotonic() - started < 4 * PROBE_S:
+                await post(client, PRODUCT, {"sku": product["sku"]})
+                queries += 1
+            elapsed = time.monotonic() - started
+    finally:
+        for engine, hook in hooks:
+            event.remove(engine, "before_cursor_execute", hook)
+    rounds = elapsed / PROBE_S
+    print(f"{queries} queries in {elapsed:.2f} s ({rounds:.1f} probe intervals): probes {probes}")
+    # Each query is its one statement on the replica: no lag check on the request path ...
+    assert served == Counter({"replica": queries})
+    # ... nor on the probe's connections: one statement per server per round, whatever the
+    # number of queries.
+    for server in ("primary", "replica"):
+        assert rounds / 2 - 1 <= probes[server] <= rounds + 2, (server, probes, rounds)
+    assert probes["replica"] < queries / 10
 
 
 async def test_a_recovery_conflict_is_retried_on_the_primary(
