@@ -362,6 +362,9 @@ def run_scenario(
     for i in range(subscribers):
         if name == "all":
             document, variables = 0, {}
+        elif name == "wide":  # the dashboard over three of the five warehouses (60 % of events)
+            w = [warehouses[(i + k) % len(warehouses)] for k in range(3)]
+            document, variables = 0, {"w": [encode_id("Warehouse", x) for x in w]}
         else:  # each subscriber watches one warehouse with one of four documents
             document = i % len(DOCUMENTS)
             variables = {"w": [encode_id("Warehouse", warehouses[(i // 4) % len(warehouses)])]}

@@ -16,6 +16,7 @@ from strawberry.subscriptions import GRAPHQL_SSE_PROTOCOL, GRAPHQL_TRANSPORT_WS_
 from quartermaster.api import build_schema
 from quartermaster.config import Settings
 from quartermaster.db.engine import Database
+from quartermaster.gc_policy import GcPolicy
 from quartermaster.http import GraphQLView, RequestContextMiddleware, health, metrics, ready
 from quartermaster.live.hub import StockHub
 from quartermaster.observability import Metrics, configure_logging
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
     # Refuse to start in production with a missing, short or development token secret.
     settings.access.token_secret(settings.production)
     app_metrics = Metrics()
+    gc_policy = GcPolicy(settings.gc, app_metrics.registry)
     schema = build_schema(settings.graphql)
 
     @asynccontextmanager
@@ -61,10 +63,13 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         app.state.live = live
         if live is not None:
             await live.start()
+        # Short full garbage collections with many long-lived connections (gc_policy.py).
+        gc_policy.start()
         log.info("app.started", replica=db.has_replica, redis=redis is not None, env=settings.env)
         try:
             yield
         finally:
+            await gc_policy.stop()
             if live is not None:
                 await live.stop()
             if redis is not None:

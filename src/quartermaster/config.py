@@ -334,6 +334,23 @@ class LiveSettings:
 
 
 @dataclass(frozen=True)
+class GcSettings:
+    """Garbage-collector policy of API processes (``gc_policy.py``)."""
+
+    freeze_interval_s: float = 10.0
+    sweep_interval_s: float = 600.0
+
+    @classmethod
+    def from_env(cls, env: str) -> GcSettings:
+        # Test processes build many short-lived apps: no freezing unless asked for.
+        default_freeze = 0.0 if env == "test" else 10.0
+        return cls(
+            freeze_interval_s=max(0.0, _float("QM_GC_FREEZE_S", default_freeze)),
+            sweep_interval_s=max(0.0, _float("QM_GC_SWEEP_S", 600.0)),
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     env: str
     host: str
@@ -349,6 +366,7 @@ class Settings:
     access: AccessSettings = field(default_factory=AccessSettings)
     partners: PartnersSettings = field(default_factory=PartnersSettings)
     live: LiveSettings = field(default_factory=LiveSettings)
+    gc: GcSettings = field(default_factory=GcSettings)
 
     @property
     def production(self) -> bool:
@@ -375,6 +393,7 @@ class Settings:
             access=AccessSettings.from_env(),
             partners=PartnersSettings.from_env(),
             live=LiveSettings.from_env(),
+            gc=GcSettings.from_env(env),
         )
 
 
@@ -441,6 +460,8 @@ ENV_VARS = (
     "QM_LIVE_QUEUE_SIZE",
     "QM_LIVE_MAX_SUBSCRIPTIONS",
     "QM_LIVE_INIT_TIMEOUT_S",
+    "QM_GC_FREEZE_S",
+    "QM_GC_SWEEP_S",
     "QM_TEST_DATABASE_URL",
     "QM_TEST_REDIS_URL",
     "QM_REQUIRE_AUDIT",
