@@ -4,10 +4,11 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-23 08:00:00
 
-An outbox row becomes visible when its transaction commits, not when its id was drawn: a relay
-that read ``WHERE id > last`` could skip a row whose transaction committed late. The relay only
-publishes rows whose transaction is older than every transaction still running
-(``txid < pg_snapshot_xmin(pg_current_snapshot())``), so nothing earlier can still appear.
+An outbox row becomes visible when its transaction commits, not when its id was drawn. The relay
+first used ``txid`` to publish only rows older than every running transaction; it now claims
+every committed unpublished row in id order (``db/repositories/integration.py`` explains why
+that keeps the order per stock level), and ``txid`` stays as a diagnostic: which rows one
+transaction wrote.
 """
 
 from collections.abc import Sequence
