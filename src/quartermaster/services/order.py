@@ -153,11 +153,14 @@ async def create_order(
     quotation_id: int | None = None,
     idempotency_key: str | None = None,
     digest: str | None = None,
+    levels: Sequence[Any] | None = None,
 ) -> Any:
     """Insert a PENDING order and reserve every line, or raise INSUFFICIENT_STOCK for all.
 
-    Returns the new order row."""
-    levels = await stock_repo.lock_levels_of_products(conn, [line.product_id for line in lines])
+    ``levels``: every stock level of the lines' products, already locked in the global order
+    by the caller (else locked here). Returns the new order row."""
+    if levels is None:
+        levels = await stock_repo.lock_levels_of_products(conn, [line.product_id for line in lines])
     allocations, short = allocate([(line.product_id, line.quantity) for line in lines], levels)
     if short:
         available: dict[int, int] = {}
@@ -224,7 +227,14 @@ async def place_order(
     existing = await replay_idempotent(conn, idempotency_key, digest)
     if existing is not None:
         return existing
-    customer, products = await load_customer_and_products(conn, customer_id, lines)
+    # One round trip: customer, products and their stock levels, locked (a refused order
+    # holds the locks only until its rollback).
+    customer, products, levels = await stock_repo.order_context(
+        conn, customer_id, [line.product_id for line in lines]
+    )
+    if customer is None:
+        raise ProblemsError([Problem("NOT_FOUND", "No such customer.", ("customerId",))])
+    check_products(lines, products)
     pct = tier_discounts.get(customer.tier.value, Decimal(0))
     priced = [
         price_with_tier(line.product_id, line.quantity, products[line.product_id].unit_price, pct)
@@ -237,6 +247,7 @@ async def place_order(
         lines=priced,
         idempotency_key=idempotency_key,
         digest=digest if idempotency_key is not None else None,
+        levels=levels,
     )
 
 

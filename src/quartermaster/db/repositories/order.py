@@ -2,12 +2,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any, cast
 
 from sqlalchemy import Select, Table, func, select, text, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from quartermaster.db.driver import DriverStatement
 from quartermaster.db.models import Order, OrderLine
 from quartermaster.db.pagination import Sort
 from quartermaster.enums import OrderStatus
@@ -137,6 +139,13 @@ SELECT * FROM o
 ).columns(*orders.c)  # typed like the table, so status comes back as the enum
 
 
+_PLACE_ORDER_DRIVER = DriverStatement(_PLACE_ORDER_SQL)
+
+
 async def insert_reserved_order(conn: AsyncConnection, params: dict[str, Any]) -> Any:
-    """Run ``_PLACE_ORDER_SQL``; returns the new order row."""
-    return (await conn.execute(_PLACE_ORDER_SQL, params)).one()
+    """Run ``_PLACE_ORDER_SQL`` (hot path: on the driver connection, ``db/driver.py``); returns
+    the new order row, with the table's column names as attributes."""
+    (record,) = await _PLACE_ORDER_DRIVER.fetch(conn, params)
+    row = SimpleNamespace(**dict(record))
+    row.status = OrderStatus(row.status)
+    return row

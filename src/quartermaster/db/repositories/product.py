@@ -2,16 +2,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any, cast
 
 from sqlalchemy import Select, Table, exists, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from quartermaster.db.driver import DriverStatement
 from quartermaster.db.models import Product, StockLevel
 from quartermaster.db.pagination import Sort
 from quartermaster.db.repositories import escape_like
 from quartermaster.db.repositories.customer import customers
+from quartermaster.enums import CustomerTier
 
 products = cast(Table, Product.__table__)
 stock_levels = cast(Table, StockLevel.__table__)
@@ -98,12 +101,16 @@ async def update_product(conn: AsyncConnection, product_id: int, values: dict[st
 async def customer_and_products(
     conn: AsyncConnection, customer_id: int, product_ids: list[int]
 ) -> tuple[Any, dict[int, Any]]:
-    """The customer (or None) and the products for sale among ``product_ids``: one round trip."""
-    rows = (
-        await conn.execute(_CUSTOMER_AND_PRODUCTS, {"customer_id": customer_id, "ids": product_ids})
-    ).all()
-    if not rows:
+    """The customer (or None) and the products for sale among ``product_ids``: one round trip
+    (hot path: on the driver connection, ``db/driver.py``)."""
+    records = await _CUSTOMER_AND_PRODUCTS_DRIVER.fetch(
+        conn, {"customer_id": customer_id, "ids": product_ids}
+    )
+    if not records:
         return None, {}
+    rows = [SimpleNamespace(**dict(r)) for r in records]
+    for row in rows:
+        row.tier = CustomerTier(row.tier)
     return rows[0], {row.id: row for row in rows if row.id is not None}
 
 
@@ -120,3 +127,4 @@ _CUSTOMER_AND_PRODUCTS = text(
     currency=products.c.currency.type,
     active=products.c.active.type,
 )
+_CUSTOMER_AND_PRODUCTS_DRIVER = DriverStatement(_CUSTOMER_AND_PRODUCTS)

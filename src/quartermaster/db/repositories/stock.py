@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -15,9 +16,11 @@ from sqlalchemy import (
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from quartermaster.db.driver import DriverStatement
 from quartermaster.db.models import StockAllocation, StockLevel, StockMovement
 from quartermaster.db.pagination import Sort
 from quartermaster.db.repositories.warehouse import warehouse_columns, warehouses
+from quartermaster.enums import CustomerTier
 
 stock_levels = cast(Table, StockLevel.__table__)
 allocations = cast(Table, StockAllocation.__table__)
@@ -77,10 +80,14 @@ _LOCK_LEVELS_OF_PRODUCTS = text(
 ).columns(*stock_levels.c)
 
 
-async def lock_levels_of_products(conn: AsyncConnection, product_ids: list[int]) -> list[Row[Any]]:
-    """Lock every stock level of these products, in the one global order."""
-    result = await conn.execute(_LOCK_LEVELS_OF_PRODUCTS, {"ids": sorted(set(product_ids))})
-    return list(result.all())
+_LOCK_LEVELS_OF_PRODUCTS_DRIVER = DriverStatement(_LOCK_LEVELS_OF_PRODUCTS)
+
+
+async def lock_levels_of_products(conn: AsyncConnection, product_ids: list[int]) -> list[Any]:
+    """Lock every stock level of these products, in the one global order (hot path: on the
+    driver connection, ``db/driver.py``); rows with the table's column names as attributes."""
+    records = await _LOCK_LEVELS_OF_PRODUCTS_DRIVER.fetch(conn, {"ids": sorted(set(product_ids))})
+    return [SimpleNamespace(**dict(r)) for r in records]
 
 
 async def lock_levels(conn: AsyncConnection, level_ids: list[int]) -> list[Row[Any]]:
@@ -91,6 +98,58 @@ async def lock_levels(conn: AsyncConnection, level_ids: list[int]) -> list[Row[A
         .with_for_update()
     )
     return list((await conn.execute(stmt)).all())
+
+
+# placeOrder's first round trip: the customer, the lines' products and every stock level of
+# those products, locked in the one global order. The levels come from a CTE (locked in its
+# ORDER BY order as it is read) appended to the customer/product rows; ``kind`` tells them apart.
+_ORDER_CONTEXT = DriverStatement(
+    text(
+        """
+WITH locked AS MATERIALIZED (
+  SELECT id, product_id, warehouse_id, on_hand, reserved, low_stock_threshold
+  FROM stock_levels WHERE product_id = ANY(CAST(:ids AS bigint[]))
+  ORDER BY product_id, warehouse_id FOR UPDATE)
+SELECT 'p' AS kind, c.id AS customer_id, c.tier, p.id, p.unit_price, p.currency, p.active,
+       NULL::bigint AS product_id, NULL::bigint AS warehouse_id, NULL::int AS on_hand,
+       NULL::int AS reserved, NULL::int AS low_stock_threshold
+FROM customers AS c LEFT OUTER JOIN products AS p ON p.id = ANY(CAST(:ids AS bigint[]))
+WHERE c.id = :customer_id
+UNION ALL
+SELECT 'l', NULL, NULL, id, NULL, NULL, NULL, product_id, warehouse_id, on_hand, reserved,
+       low_stock_threshold
+FROM locked
+"""
+    )
+)
+
+
+async def order_context(
+    conn: AsyncConnection, customer_id: int, product_ids: list[int]
+) -> tuple[Any, dict[int, Any], list[Any]]:
+    """The customer (or None), the products among ``product_ids`` and their stock levels, the
+    levels locked in the one global order: one round trip (hot path, ``db/driver.py``)."""
+    ids = sorted(set(product_ids))
+    records = await _ORDER_CONTEXT.fetch(conn, {"customer_id": customer_id, "ids": ids})
+    customer: Any = None
+    products: dict[int, Any] = {}
+    levels: list[Any] = []
+    for r in records:
+        if r["kind"] == "l":
+            levels.append(
+                SimpleNamespace(
+                    id=r["id"], product_id=r["product_id"], warehouse_id=r["warehouse_id"],
+                    on_hand=r["on_hand"], reserved=r["reserved"],
+                    low_stock_threshold=r["low_stock_threshold"],
+                )
+            )  # fmt: skip
+            continue
+        customer = SimpleNamespace(customer_id=r["customer_id"], tier=CustomerTier(r["tier"]))
+        if r["id"] is not None:
+            products[r["id"]] = SimpleNamespace(
+                id=r["id"], unit_price=r["unit_price"], currency=r["currency"], active=r["active"]
+            )
+    return customer, products, levels
 
 
 # Creates the level when it is missing and locks it either way, in one statement: the no-op
