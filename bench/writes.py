@@ -285,8 +285,39 @@ async def measure(
     return row
 
 
-async def run_server(server: Server, work: Workload, args: argparse.Namespace, url: str) -> Row:
-    conns = [RawHttp(server.base) for _ in range(args.concurrency)]
+class Instances:
+    """Several API servers behind the load generator's own round robin (connection i goes to
+    instance i mod N), as ``docker compose --scale api=N`` behind a balancer would run them."""
+
+    def __init__(self, url: str, logdir: Path, count: int, workers: int) -> None:
+        for i in range(count):
+            (logdir / f"instance-{i}").mkdir(parents=True, exist_ok=True)
+        self.servers = [
+            Server("dataloaders", url, logdir / f"instance-{i}", workers=workers)
+            for i in range(count)
+        ]
+
+    def wait_healthy(self) -> None:
+        for server in self.servers:
+            server.wait_healthy()
+
+    def cpu_seconds(self) -> float:
+        return sum(server.cpu_seconds() for server in self.servers)
+
+    async def statements(self, client: httpx.AsyncClient) -> float:
+        return sum([await server.statements(client) for server in self.servers])
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def logs(self) -> str:
+        return "".join(server.logfile.read_text() for server in self.servers)
+
+
+async def run_server(server: Any, work: Workload, args: argparse.Namespace, url: str) -> Row:
+    bases = [s.base for s in server.servers]
+    conns = [RawHttp(bases[i % len(bases)]) for i in range(args.concurrency)]
     async with httpx.AsyncClient(timeout=120, headers=AUTH) as client:
 
         async def one(i: int) -> Any:
@@ -355,7 +386,8 @@ def notes(server: Row, service: Row, ceiling: Row, ratio: float, meta: Row) -> l
         " against the better of the two ceiling runs.",
         "- Statements per order: server "
         + (f"{server['sql_per_order']} (`qm_sql_statements_total`, " if server["sql_per_order"]
-           is not None else "n/a with several uvicorn workers (each has its own `/metrics`; "
+           is not None else "n/a with several uvicorn workers per instance (each has its own "
+           "`/metrics`; "
            "one worker measures 3: customer and products, the levels locked, one CTE with "
            "every write; ")
         + "which counts neither BEGIN/COMMIT nor pool pings; the consistency token is one more "
@@ -365,7 +397,7 @@ def notes(server: Row, service: Row, ceiling: Row, ratio: float, meta: Row) -> l
            "checkout with BEGIN, `;`, ROLLBACK, 3 more round trips per checkout (the mutation "
            "checks out for its transaction and again for the payload read)."
            if meta["pool_pre_ping"] else "The engine has `pool_pre_ping` off."),
-        f"- Python CPU per order: server process {server['server_cpu_ms']} ms ({busy:.2f} cores "
+        f"- Python CPU per order: server processes {server['server_cpu_ms']} ms ({busy:.2f} cores "
         "busy; one uvicorn worker can use 1), of which the service layer's SQLAlchemy transaction "
         f"accounts for about {service['client_cpu_ms']} ms (measured in-process, "
         f"{service['rate']}/s) and HTTP + GraphQL + the payload read for the remaining "
@@ -420,7 +452,8 @@ def write_results(meta: Row, rows: list[Row], notes_: list[str]) -> None:
         f"- Load: concurrency {meta['concurrency']}, {meta['duration']} s measured per run after "
         f"{meta['warmup']} s warm-up; 3 lines per order, quantity 1..3, "
         f"{meta['hot_share']:.0%} of orders on {meta['hot_products']} hot products; "
-        f"{meta.get('workers', 1)} uvicorn worker(s)",
+        f"{meta.get('instances', 1)} API instance(s) (connections spread round robin) of "
+        f"{meta.get('workers', 1)} uvicorn worker(s) each",
         "- Extra server settings: "
         + (", ".join(f"`{k}={v}`" for k, v in meta["env"].items()) or "none (defaults)"),
         f"- Command: `{meta['command']}`", "",
@@ -452,7 +485,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds per run")
     p.add_argument("--hot-share", type=float, default=0.05)
-    p.add_argument("--workers", type=int, default=1, help="uvicorn workers of the server")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn workers per server instance")
+    p.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="API server instances; the load generator spreads its connections round robin",
+    )
     return p.parse_args()
 
 
@@ -461,7 +500,7 @@ def main() -> int:
     configure_logging("warning")  # the in-process service layer logs like the server
     wall, load_before = time.perf_counter(), os.getloadavg()
     url = resolve_url(args)
-    server: Server | None = None
+    server: Instances | None = None
     try:
         log(f"database: {url}")
         env = {**os.environ, "QM_DATABASE_URL": url, "QM_LOG_LEVEL": "warning"}
@@ -475,15 +514,15 @@ def main() -> int:
         log(f"stock topped up by {TOP_UP} per level; {len(products)} products for sale")
         work = Workload(products, customers, args)
         logdir = Path(tempfile.mkdtemp(prefix="qm-bench-writes-"))
-        server = Server("dataloaders", url, logdir, workers=args.workers)
+        server = Instances(url, logdir, args.instances, args.workers)
         server.wait_healthy()
-        log(f"server up at {server.base}, log {server.logfile}")
+        log(f"{args.instances} server instance(s) up, logs in {logdir}")
         rows = [asyncio.run(run_ceiling("ceiling (before)", work, args, url)),
                 asyncio.run(run_server(server, work, args, url)),
                 asyncio.run(run_service(work, args, url)),
                 asyncio.run(run_ceiling("ceiling (after)", work, args, url))]  # fmt: skip
         server.stop()
-        retries = server.logfile.read_text().count("unit_of_work.retry")
+        retries = server.logs().count("unit_of_work.retry")
         invariants = asyncio.run(check_invariants(url))
         log(f"invariants: {invariants or 'all pass'}; unit_of_work.retry in server log: {retries}")
         best = max((rows[0], rows[3]), key=lambda r: r["rate"])
@@ -494,6 +533,7 @@ def main() -> int:
             "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "postgres": version, "scale": scale,
             "concurrency": args.concurrency, "workers": args.workers,
+            "instances": args.instances,
             "duration": args.duration, "warmup": args.warmup,
             "hot_share": args.hot_share, "hot_products": args.hot_products, "env": qm_env(),
             "load_average_before": [round(x, 2) for x in load_before], "ratio": round(ratio, 3),
