@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from quartermaster.schema.node import encode_id
+from tests.conftest import gql
 from tests.write_support import (
     INVALID,
     MISSING,
@@ -28,7 +29,9 @@ from tests.write_support import (
     problems,
     quote,
     raw,
+    resolve,
     snapshot,
+    unique,
     update,
 )
 
@@ -160,3 +163,186 @@ async def test_negative_delta_on_a_missing_level_is_refused_and_creates_nothing(
     assert payload["stockLevel"] is None
     assert problems(payload) in ([(STOCK, ["delta"])], [(INVALID, ["delta"])])
     assert await snapshot(db) == before
+
+
+# ---------------------------------------------------------------- createProduct, updateProduct
+
+PRODUCT_FIELDS = "id sku name unitPrice currency"
+CREATE_PRODUCT = (
+    "mutation Create($input: CreateProductInput!) { createProduct(input: $input) {"
+    f" product {{ {PRODUCT_FIELDS} }} errors {{ code message field }} }} }}"
+)
+UPDATE_PRODUCT = (
+    "mutation Update($input: UpdateProductInput!) { updateProduct(input: $input) {"
+    f" product {{ {PRODUCT_FIELDS} }} errors {{ code message field }} }} }}"
+)
+PRODUCT_DOCS = {"createProduct": CREATE_PRODUCT, "updateProduct": UPDATE_PRODUCT}
+CP, UP = "createProduct", "updateProduct"
+
+
+async def sku_of(db: asyncpg.Pool, product_id: int) -> str:
+    sku: str = await db.fetchval("SELECT sku FROM products WHERE id = $1", product_id)
+    return sku
+
+
+def new_product_input(**overrides: Any) -> Json:
+    return {"sku": unique("VT-"), "name": "Validation product", "unitPrice": "12.50", **overrides}
+
+
+def edit(product: int | str = "eur", **changes: Any) -> Builder:
+    """An updateProduct input for a World product (or a raw "=<id>")."""
+    return lambda w: {"productId": w.product(resolve(w, product)), **changes}
+
+
+async def product_rows(db: asyncpg.Pool) -> str:
+    """A digest of every product row, so that an UPDATE shows too (counts and max ids do not)."""
+    digest: str = await db.fetchval(
+        "SELECT md5(string_agg(p::text, ',' ORDER BY id)) FROM products AS p"
+    )
+    return digest
+
+
+def create(**overrides: Any) -> Builder:
+    return lambda w: new_product_input(**overrides)
+
+
+CONFLICT = "CONFLICT"
+NO_SUCH_PRODUCT = raw(encode_id("Product", MISSING))
+
+# fmt: off
+PRODUCT_CASES = [
+    Case(CP, "price-negative", INVALID, "unitPrice", create(unitPrice="-0.01")),
+    Case(CP, "price-over-max", INVALID, "unitPrice", create(unitPrice="1000000000000.00")),
+    Case(CP, "price-huge-exponent", INVALID, "unitPrice", create(unitPrice="1E+40")),
+    Case(CP, "price-three-decimals", INVALID, "unitPrice", create(unitPrice="12.345")),
+    Case(CP, "price-tiny-exponent", INVALID, "unitPrice", create(unitPrice="1E-7")),
+    Case(CP, "sku-empty", INVALID, "sku", create(sku="")),
+    Case(CP, "sku-65-chars", INVALID, "sku", create(sku="S" * 65)),
+    Case(CP, "sku-with-space", INVALID, "sku", create(sku="AB 12")),
+    Case(CP, "sku-leading-dash", INVALID, "sku", create(sku="-AB12")),
+    Case(CP, "sku-trailing-newline", INVALID, "sku", create(sku="AB12\n")),
+    Case(CP, "name-empty", INVALID, "name", create(name="")),
+    Case(CP, "name-blank", INVALID, "name", create(name="   ")),
+    Case(CP, "name-201-chars", INVALID, "name", create(name="n" * 201)),
+    Case(CP, "category-101-chars", INVALID, "category", create(category="c" * 101)),
+    Case(CP, "currency-lowercase", INVALID, "currency", create(currency="eur")),
+    Case(CP, "currency-4-letters", INVALID, "currency", create(currency="EURO")),
+    Case(CP, "currency-trailing-newline", INVALID, "currency", create(currency="EUR\n")),
+
+    Case(UP, "unknown-product", NOT_FOUND, "productId", edit(NO_SUCH_PRODUCT, name="X")),
+    Case(UP, "id-of-a-customer", INVALID, "productId", edit(A_CUSTOMER, name="X")),
+    Case(UP, "malformed-id", INVALID, "productId", edit("=Product:1", name="X")),
+    Case(UP, "price-negative", INVALID, "unitPrice", edit(unitPrice="-1")),
+    Case(UP, "price-over-max", INVALID, "unitPrice", edit(unitPrice="1000000000000")),
+    Case(UP, "price-three-decimals", INVALID, "unitPrice", edit(unitPrice="0.001")),
+    Case(UP, "name-empty", INVALID, "name", edit(name="")),
+    Case(UP, "name-201-chars", INVALID, "name", edit(name="n" * 201)),
+    Case(UP, "category-101-chars", INVALID, "category", edit(category="c" * 101)),
+]
+# fmt: on
+
+
+async def product_mutate(client: httpx.AsyncClient, name: str, input: Json) -> Json:
+    body = await gql(client, PRODUCT_DOCS[name], {"input": input})
+    payload: Json = body["data"][name]
+    return payload
+
+
+@pytest.mark.parametrize("case", PRODUCT_CASES, ids=[f"{c.mutation}-{c.id}" for c in PRODUCT_CASES])
+async def test_rejected_product_input_has_code_and_field_and_writes_nothing(
+    client: httpx.AsyncClient, db: asyncpg.Pool, world: World, case: Case
+) -> None:
+    before = (await snapshot(db), await product_rows(db))
+    payload = await product_mutate(client, case.mutation, case.input(world))
+    assert payload["product"] is None, payload
+    assert problems(payload) == [(case.code, case.field)], payload["errors"]
+    assert (await snapshot(db), await product_rows(db)) == before
+
+
+async def test_create_with_a_taken_sku_is_conflict_and_writes_nothing(
+    client: httpx.AsyncClient, db: asyncpg.Pool, world: World
+) -> None:
+    taken = await sku_of(db, world.eur)
+    before = (await snapshot(db), await product_rows(db))
+    payload = await product_mutate(client, CP, new_product_input(sku=taken, unitPrice="1.00"))
+    assert payload["product"] is None, payload
+    assert problems(payload) == [(CONFLICT, ["sku"])], payload["errors"]
+    assert (await snapshot(db), await product_rows(db)) == before
+
+
+async def test_create_reports_every_bad_field_at_once(
+    client: httpx.AsyncClient, db: asyncpg.Pool, world: World
+) -> None:
+    before = (await snapshot(db), await product_rows(db))
+    bad = new_product_input(sku="", name=" ", unitPrice="-5", currency="x")
+    payload = await product_mutate(client, CP, bad)
+    assert payload["product"] is None
+    assert sorted(problems(payload)) == sorted(
+        [(INVALID, ["sku"]), (INVALID, ["name"]), (INVALID, ["unitPrice"]), (INVALID, ["currency"])]
+    )
+    assert (await snapshot(db), await product_rows(db)) == before
+
+
+async def test_price_limits_are_inclusive(
+    client: httpx.AsyncClient, db: asyncpg.Pool, world: World
+) -> None:
+    """The largest price, zero and trailing zeros ("1.500") pass: the checks above are not
+    stricter than the rule, and the column holds what the rule allows."""
+    for price, stored in (("999999999999.99", "999999999999.99"), ("0", "0.00"), ("1.500", "1.50")):
+        product = await gql(client, CREATE_PRODUCT, {"input": new_product_input(unitPrice=price)})
+        payload = product["data"][CP]
+        assert payload["errors"] == [], payload
+        assert payload["product"]["unitPrice"] == stored
+        assert (
+            await db.fetchval(
+                "SELECT unit_price::text FROM products WHERE sku = $1", payload["product"]["sku"]
+            )
+            == stored
+        )
+
+
+MALFORMED_DECIMALS = ["12,50", "abc", "NaN", "Infinity", "", 12.5, True]
+
+
+@pytest.mark.parametrize("mutation", [CP, UP])
+@pytest.mark.parametrize("price", MALFORMED_DECIMALS, ids=[repr(p) for p in MALFORMED_DECIMALS])
+async def test_malformed_price_is_a_graphql_error_and_writes_nothing(
+    client: httpx.AsyncClient, db: asyncpg.Pool, world: World, mutation: str, price: object
+) -> None:
+    input = (
+        new_product_input(unitPrice=price)
+        if mutation == CP
+        else {"productId": world.product(world.eur), "unitPrice": price}
+    )
+    before = (await snapshot(db), await product_rows(db))
+    response = await client.post(
+        "/graphql", json={"query": PRODUCT_DOCS[mutation], "variables": {"input": input}}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body.get("data") is None, body
+    [error] = body["errors"]
+    assert error["extensions"]["code"] == "BAD_USER_INPUT", error
+    assert "unitPrice" in error["message"], error
+    assert (await snapshot(db), await product_rows(db)) == before
+
+
+async def test_update_cannot_change_the_sku(
+    client: httpx.AsyncClient, db: asyncpg.Pool, world: World
+) -> None:
+    """UpdateProductInput has no `sku`: an SKU is fixed at creation, so an update to a taken
+    SKU (or any SKU) is refused by the schema and changes nothing."""
+    taken = await sku_of(db, world.eur2)
+    before = (await snapshot(db), await product_rows(db))
+    body = await gql(
+        client,
+        UPDATE_PRODUCT,
+        {"input": {"productId": world.product(world.eur), "sku": taken}},
+        errors=True,
+    )
+    assert body.get("data") is None, body
+    [error] = body["errors"]
+    assert error["extensions"]["code"] == "BAD_USER_INPUT", error
+    assert "sku" in error["message"], error
+    assert (await snapshot(db), await product_rows(db)) == before
+    assert await sku_of(db, world.eur) != taken

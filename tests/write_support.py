@@ -198,6 +198,7 @@ SNAPSHOT_TABLES = (
     "quotations",
     "quotation_lines",
     "stock_levels",
+    "products",
 )
 
 

@@ -39,7 +39,7 @@ def check_money(value: Decimal | None, field: str) -> list[Problem]:
 
 
 def check_sku(value: str) -> list[Problem]:
-    if not SKU_RE.match(value):
+    if not SKU_RE.fullmatch(value):  # `$` alone would let a trailing "\n" through
         return [
             Problem(
                 "INVALID_INPUT",
@@ -52,7 +52,7 @@ def check_sku(value: str) -> list[Problem]:
 
 
 def check_currency(value: str) -> list[Problem]:
-    if not CURRENCY_RE.match(value):
+    if not CURRENCY_RE.fullmatch(value):
         return [
             Problem("INVALID_INPUT", "`currency` must be an ISO-4217 code like EUR.", ("currency",))
         ]
