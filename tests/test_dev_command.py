@@ -91,6 +91,71 @@ def _postgres_running(pgdata: Path) -> bool:
     return True
 
 
+def _redis_running(data_dir: Path) -> bool:
+    """Whether a redis-server working in ``data_dir/redis`` is alive. Read from /proc: the
+    embedded Redis runs in the foreground (no pid file) and rewrites its command line to
+    ``redis-server host:port``, but it changes into its ``--dir``, so its cwd identifies it."""
+    redis_dir = (data_dir / "redis").resolve()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "redis-server":
+                continue
+            if Path(os.readlink(entry / "cwd")) == redis_dir:
+                return True
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return False
+
+
+def _graphql(url: str, token: str, query: str, **variables: object) -> dict:
+    response = httpx.post(
+        url,
+        json={"query": query, "variables": variables},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=5,
+    )
+    body = response.json()
+    assert not body.get("errors"), body
+    return body["data"]
+
+
+def _place_order_and_wait_for_invoice(url: str, token: str, deadline_s: float = 20) -> str:
+    """placeOrder over HTTP, then poll ``Order.integrations`` until the worker and the sandbox
+    partner have produced the invoice; returns the invoice number (externalRef)."""
+    picks = _graphql(
+        url,
+        token,
+        "{ customers(first: 1) { edges { node { id } } }"
+        "  products(first: 1, filter: {active: true, inStock: true}) { edges { node { id } } } }",
+    )
+    customer = picks["customers"]["edges"][0]["node"]["id"]
+    product = picks["products"]["edges"][0]["node"]["id"]
+    placed = _graphql(
+        url,
+        token,
+        "mutation($input: PlaceOrderInput!) { placeOrder(input: $input) {"
+        "  order { number } errors { code message } } }",
+        input={"customerId": customer, "lines": [{"productId": product, "quantity": 1}]},
+    )["placeOrder"]
+    assert placed["errors"] == [], placed
+    number = placed["order"]["number"]
+    query = (
+        "query($number: String!) { orderByNumber(number: $number) {"
+        "  integrations { kind status externalRef attempts lastError } } }"
+    )
+    started = time.monotonic()
+    jobs: list[dict] = []
+    while time.monotonic() - started < deadline_s:
+        jobs = _graphql(url, token, query, number=number)["orderByNumber"]["integrations"]
+        invoice = [job for job in jobs if job["kind"] == "INVOICE"]
+        if invoice and invoice[0]["status"] == "SUCCEEDED" and invoice[0]["externalRef"]:
+            return invoice[0]["externalRef"]
+        time.sleep(0.2)
+    raise AssertionError(f"no invoice for {number} within {deadline_s:.0f} s: {jobs}")
+
+
 def test_dev_starts_everything_seeds_once_and_stops_on_ctrl_c(data_dir: Path) -> None:
     port = free_port()
     process = _start(data_dir, port)
@@ -113,10 +178,17 @@ def test_dev_starts_everything_seeds_once_and_stops_on_ctrl_c(data_dir: Path) ->
         assert data["products"]["totalCount"] == 2000
         graphiql = httpx.get(url, headers={"accept": "text/html"}, timeout=5)
         assert "graphiql" in graphiql.text.lower()
+        assert _redis_running(data_dir), "the embedded Redis is not found by _redis_running"
+
+        # Issue 4 item 6: on a fresh machine a placed order shows its invoice number within
+        # seconds (outbox -> relay -> Redis stream -> worker -> sandbox partner).
+        invoice_number = _place_order_and_wait_for_invoice(url, token)
+        assert invoice_number.strip()
     finally:
         output = _stop(process)
     assert process.returncode == 0, output
     assert not _postgres_running(data_dir / "postgres"), output
+    assert not _redis_running(data_dir), output
 
     # A second start keeps the data and does not seed again; a stop signal right after the
     # address is printed (SIGTERM this time, as a process manager sends) still stops cleanly.
@@ -129,6 +201,7 @@ def test_dev_starts_everything_seeds_once_and_stops_on_ctrl_c(data_dir: Path) ->
     assert process.returncode == 0, output
     assert "stopped." in output
     assert not _postgres_running(data_dir / "postgres"), output
+    assert not _redis_running(data_dir), output
 
 
 def _statements(metrics: str, database: str) -> float:
