@@ -29,8 +29,9 @@ import httpx
 import orjson
 from redis.asyncio import Redis
 
+from quartermaster.config import PartnersSettings
 from quartermaster.embedded import redis_executable
-from quartermaster.integrations.sandbox import sandbox_server
+from quartermaster.integrations.sandbox import sandbox_server, secrets_from_settings
 from quartermaster.schema.node import decode_any_id, encode_id
 from quartermaster.streams import JOB_STREAMS, STOCK_EVENTS_STREAM, WORKER_GROUP
 from tests.conftest import asyncpg_kwargs, gql
@@ -222,7 +223,10 @@ class Sandbox:
     def __init__(self, seed: int = 0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = sandbox_server("127.0.0.1", self.port, seed=seed)
+        # Checks signatures with the development secret, the one the workers (no
+        # QM_*_SIGNING_SECRET in WORKER_ENV) sign with: an unsigned request gets 401.
+        secrets = secrets_from_settings(PartnersSettings())
+        self.server = sandbox_server("127.0.0.1", self.port, secrets=secrets, seed=seed)
         self.thread = threading.Thread(
             target=asyncio.run, args=(self.server.serve(),), daemon=True, name="sandbox"
         )

@@ -17,9 +17,12 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from click.testing import CliRunner
 
-from quartermaster.config import PartnerSettings, PartnersSettings
+from quartermaster.cli import main as cli
+from quartermaster.config import PartnerSettings, PartnersSettings, Settings
 from quartermaster.integrations import (
+    DEV_SIGNING_SECRET,
     SIGNATURE_HEADER,
     AvailabilityUpdate,
     Invoice,
@@ -40,13 +43,20 @@ from quartermaster.integrations.sandbox import point_at_sandbox, sandbox_server
 from tests.servers import free_port
 
 SHOP_SECRET = "shop-test-secret"
+#: Invoicing and notifications check the development secret, the one default settings sign with.
+DEV = DEV_SIGNING_SECRET
+SANDBOX_SECRETS: dict[str, str | None] = {
+    "invoicing": DEV,
+    "shop": SHOP_SECRET,
+    "notifications": DEV,
+}
 
 
 @pytest.fixture(scope="module")
 def sandbox() -> Iterator[str]:
-    """The sandbox on 127.0.0.1 in a background thread; the shop requires signatures."""
+    """The sandbox on 127.0.0.1 in a background thread; every partner checks signatures."""
     port = free_port()
-    server = sandbox_server("127.0.0.1", port, secrets={"shop": SHOP_SECRET}, seed=42)
+    server = sandbox_server("127.0.0.1", port, secrets=SANDBOX_SECRETS, seed=42)
     thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -103,7 +113,7 @@ def invoice_request(order_id: int = 7, total: str = "25.00") -> InvoiceRequest:
 async def test_invoice_round_trip_and_idempotent_repeat(
     sandbox: str, control: httpx.AsyncClient
 ) -> None:
-    async with InvoicingClient(sandbox) as client:
+    async with InvoicingClient(sandbox, signing_secret=DEV) as client:
         first = await client.create_invoice(invoice_request(), "invoice:order-7")
         again = await client.create_invoice(invoice_request(), "invoice:order-7")
         other = await client.create_invoice(invoice_request(8), "invoice:order-8")
@@ -143,7 +153,7 @@ async def test_signed_shop_push_round_trips(sandbox: str, control: httpx.AsyncCl
 
 async def test_notification_round_trips(sandbox: str, control: httpx.AsyncClient) -> None:
     message = Notification("order_confirmed", "buyer@example.com", {"order": "SO-000007"})
-    async with NotificationClient(sandbox) as client:
+    async with NotificationClient(sandbox, signing_secret=DEV) as client:
         receipt = await client.send(message, "notify:order-7:confirmed")
 
     assert receipt.message_id == "MSG-000001"
@@ -159,7 +169,7 @@ async def test_503_is_retryable_and_has_no_side_effect(
     sandbox: str, control: httpx.AsyncClient
 ) -> None:
     await configure(control, partner="invoicing", fail_next=1)
-    async with InvoicingClient(sandbox) as client:
+    async with InvoicingClient(sandbox, signing_secret=DEV) as client:
         with pytest.raises(RetryableError) as caught:
             await client.create_invoice(invoice_request(), "invoice:order-7")
         assert (await effects(control))["counts"]["invoices"] == 0
@@ -174,7 +184,7 @@ async def test_503_is_retryable_and_has_no_side_effect(
 
 async def test_429_carries_retry_after(sandbox: str, control: httpx.AsyncClient) -> None:
     await configure(control, partner="notifications", rate_429=1.0, retry_after_s=2)
-    async with NotificationClient(sandbox) as client:
+    async with NotificationClient(sandbox, signing_secret=DEV) as client:
         with pytest.raises(RetryableError) as caught:
             await client.send(Notification("t", "r@example.com", {}), "notify:1")
 
@@ -204,7 +214,7 @@ async def test_status_classification(
 
 
 async def test_invalid_request_is_permanent(sandbox: str, control: httpx.AsyncClient) -> None:
-    async with InvoicingClient(sandbox) as client:
+    async with InvoicingClient(sandbox, signing_secret=DEV) as client:
         with pytest.raises(PermanentError) as caught:
             await client.create_invoice(invoice_request(total="26.00"), "invoice:order-7")
 
@@ -215,18 +225,29 @@ async def test_invalid_request_is_permanent(sandbox: str, control: httpx.AsyncCl
 
 async def test_wrong_or_missing_signature_is_401(sandbox: str, control: httpx.AsyncClient) -> None:
     update = AvailabilityUpdate(product_id=1, sku="S-1", available=5)
-    for secret in ("not-the-secret", None):
+    # The development secret is not the shop's: signed, but with the wrong secret.
+    for secret in ("not-the-secret", DEV):
         async with ShopClient(sandbox, signing_secret=secret) as client:
             with pytest.raises(PermanentError) as caught:
                 await client.push_availability(update, "shop:1")
         assert caught.value.status == 401
         assert str(caught.value).startswith("shop: 401 Unauthorized")
-    assert (await effects(control))["counts"]["availability_pushes"] == 0
+    # Unsigned (a client cannot send that; plain HTTP can), for every partner.
+    body = b'{"product_id": 1, "sku": "S-1", "available": 5}'
+    for method, path in (("PUT", "/v1/availability/S-1"), ("POST", "/v1/invoices"),
+                         ("POST", "/v1/messages")):  # fmt: skip
+        response = await control.request(
+            method, path, content=body, headers={"Idempotency-Key": "k-unsigned"}
+        )
+        assert response.status_code == 401, path
+        assert response.json()["error"] == "bad_signature"
+    seen = await effects(control)
+    assert seen["counts"] == {"invoices": 0, "notifications": 0, "availability_pushes": 0}
 
 
 async def test_timeout_is_retryable(sandbox: str, control: httpx.AsyncClient) -> None:
     await configure(control, partner="notifications", latency_ms=500)
-    async with NotificationClient(sandbox, timeout=0.1) as client:
+    async with NotificationClient(sandbox, signing_secret=DEV, timeout=0.1) as client:
         with pytest.raises(RetryableError) as caught:
             await client.send(Notification("t", "r@example.com", {}), "notify:slow")
 
@@ -242,7 +263,7 @@ async def test_timeout_is_retryable(sandbox: str, control: httpx.AsyncClient) ->
 
 
 async def test_unreachable_partner_is_retryable() -> None:
-    async with InvoicingClient(f"http://127.0.0.1:{free_port()}") as client:
+    async with InvoicingClient(f"http://127.0.0.1:{free_port()}", signing_secret=DEV) as client:
         with pytest.raises(RetryableError) as caught:
             await client.create_invoice(invoice_request(), "invoice:order-7")
     assert caught.value.status is None
@@ -251,7 +272,7 @@ async def test_unreachable_partner_is_retryable() -> None:
 
 async def test_fail_next_fails_exactly_n_requests(sandbox: str, control: httpx.AsyncClient) -> None:
     await configure(control, partner="invoicing", fail_next=2, error_status=502)
-    async with InvoicingClient(sandbox) as client:
+    async with InvoicingClient(sandbox, signing_secret=DEV) as client:
         for _ in range(2):
             with pytest.raises(RetryableError):
                 await client.create_invoice(invoice_request(), "invoice:order-7")
@@ -265,7 +286,7 @@ async def test_poison_keys_fail_forever_while_others_pass(
     sandbox: str, control: httpx.AsyncClient
 ) -> None:
     await configure(control, partner="invoicing", poison_keys=["order-13"])
-    async with InvoicingClient(sandbox) as client:
+    async with InvoicingClient(sandbox, signing_secret=DEV) as client:
         for _ in range(3):
             with pytest.raises(RetryableError):
                 await client.create_invoice(invoice_request(13), "invoice:order-13")
@@ -280,7 +301,7 @@ async def test_random_failures_repeat_after_a_reset(
 ) -> None:
     async def run() -> list[int]:
         await configure(control, partner="notifications", error_rate=0.4, rate_429=0.2)
-        async with NotificationClient(sandbox) as client:
+        async with NotificationClient(sandbox, signing_secret=DEV) as client:
             for n in range(30):
                 with contextlib.suppress(RetryableError):
                     await client.send(Notification("t", "r@example.com", {}), f"notify:{n}")
@@ -294,14 +315,21 @@ async def test_random_failures_repeat_after_a_reset(
 
 async def test_sandbox_rejects_bad_requests(sandbox: str, control: httpx.AsyncClient) -> None:
     body = b'{"template": "t", "recipient": "r"}'
-    no_key = await control.post("/v1/messages", content=body)
+
+    def signed_by_dev(content: bytes) -> dict[str, str]:
+        return {SIGNATURE_HEADER: sign(DEV, content, int(time.time()))}
+
+    no_key = await control.post("/v1/messages", content=body, headers=signed_by_dev(body))
     assert no_key.status_code == 400
     assert no_key.json()["error"] == "missing_idempotency_key"
 
     headers = {"Idempotency-Key": "k1"}
-    assert (await control.post("/v1/messages", content=body, headers=headers)).status_code == 202
+    first = await control.post("/v1/messages", content=body, headers=headers | signed_by_dev(body))
+    assert first.status_code == 202
     changed = b'{"template": "other", "recipient": "r"}'
-    reused = await control.post("/v1/messages", content=changed, headers=headers)
+    reused = await control.post(
+        "/v1/messages", content=changed, headers=headers | signed_by_dev(changed)
+    )
     assert reused.status_code == 409
 
     signed = {**headers, SIGNATURE_HEADER: sign("wrong", body, int(time.time()))}
@@ -322,7 +350,9 @@ async def test_on_call_reports_latency_and_outcome(
 ) -> None:
     seen: list[tuple[str, float, str]] = []
     await configure(control, partner="invoicing", fail_next=1)
-    async with InvoicingClient(sandbox, on_call=lambda *call: seen.append(call)) as client:
+    async with InvoicingClient(
+        sandbox, signing_secret=DEV, on_call=lambda *call: seen.append(call)
+    ) as client:
         with pytest.raises(RetryableError):
             await client.create_invoice(invoice_request(), "invoice:order-7")
         await client.create_invoice(invoice_request(), "invoice:order-7")
@@ -335,7 +365,7 @@ async def test_on_call_reports_latency_and_outcome(
 
 
 async def test_idempotency_key_is_required() -> None:
-    async with InvoicingClient("http://127.0.0.1:1") as client:
+    async with InvoicingClient("http://127.0.0.1:1", signing_secret=DEV) as client:
         with pytest.raises(ValueError, match="idempotency key"):
             await client.create_invoice(invoice_request(), "")
 
@@ -357,10 +387,90 @@ def test_partner_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QM_SHOP_URL", "http://shop.example")
     monkeypatch.setenv("QM_SHOP_API_KEY", "key-1")
     monkeypatch.setenv("QM_PARTNER_TIMEOUT_S", "3")
+    monkeypatch.setenv("QM_INVOICING_SIGNING_SECRET", "inv-secret-1")
     partners = PartnersSettings.from_env()
     assert partners.shop == PartnerSettings("http://shop.example", "key-1", None)
     assert partners.timeout_s == 3.0
     assert "key-1" not in repr(partners)
+    assert "inv-secret-1" not in repr(partners)
+    assert partners.signing_secret("invoicing") == "inv-secret-1"
+    # No secret configured: the documented development secret, so requests are still signed.
+    assert partners.signing_secret("shop") == DEV_SIGNING_SECRET
+
+
+# --- signing is always on; production insists on real secrets ----------------------------------
+
+
+async def test_default_configuration_signs(
+    sandbox: str, control: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settings with no signing secret at all (dev, tests) sign with the development secret:
+    a sandbox that checks it accepts the calls, one that checks another secret refuses them."""
+    for name in ("QM_ENV", "QM_INVOICING_SIGNING_SECRET", "QM_SHOP_SIGNING_SECRET",
+                 "QM_NOTIFY_SIGNING_SECRET"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    partners = point_at_sandbox(Settings.from_env().partners, sandbox)
+    assert not partners.production
+    async with build_clients(partners) as clients:
+        assert clients.invoicing and clients.shop and clients.notifications
+        invoice = await clients.invoicing.create_invoice(invoice_request(), "invoice:order-7")
+        receipt = await clients.notifications.send(Notification("t", "r", {}), "notify:d")
+        with pytest.raises(PermanentError) as caught:  # the sandbox's shop wants SHOP_SECRET
+            await clients.shop.push_availability(AvailabilityUpdate(1, "S-1", 5), "shop:d")
+
+    assert invoice.invoice_number == "INV-000001"
+    assert receipt.message_id == "MSG-000001"
+    assert caught.value.status == 401
+    assert [c["status"] for c in await calls(control)] == [201, 202, 401]
+
+
+def test_a_client_cannot_be_built_without_a_secret() -> None:
+    with pytest.raises(ValueError, match="signing secret is required"):
+        ShopClient("http://127.0.0.1:1", signing_secret="")
+
+
+@pytest.mark.parametrize(
+    ("secret", "message"),
+    [
+        (None, "QM_SHOP_SIGNING_SECRET must be set when QM_ENV=production and QM_SHOP_URL is set"),
+        (DEV_SIGNING_SECRET, "QM_SHOP_SIGNING_SECRET must be the secret agreed with the partner"),
+    ],
+)
+def test_production_refuses_a_missing_or_development_secret(
+    monkeypatch: pytest.MonkeyPatch, secret: str | None, message: str
+) -> None:
+    for name in ("QM_INVOICING_URL", "QM_NOTIFY_URL", "QM_INVOICING_SIGNING_SECRET",
+                 "QM_SHOP_SIGNING_SECRET", "QM_NOTIFY_SIGNING_SECRET"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("QM_ENV", "production")
+    monkeypatch.setenv("QM_AUTH_SECRET", "p" * 40)
+    monkeypatch.setenv("QM_SHOP_URL", "http://127.0.0.1:1")
+    if secret is not None:
+        monkeypatch.setenv("QM_SHOP_SIGNING_SECRET", secret)
+    partners = Settings.from_env().partners
+    assert partners.production
+    with pytest.raises(ValueError, match=message):
+        build_clients(partners)
+
+    # The worker refuses to start: nothing is connected or consumed before the check.
+    monkeypatch.setenv("QM_DATABASE_URL", "postgresql://qm@127.0.0.1:1/qm")
+    monkeypatch.setenv("QM_REDIS_URL", "redis://127.0.0.1:1/0")
+    result = CliRunner().invoke(cli, ["worker"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, ValueError)
+    assert message in str(result.exception)
+
+
+async def test_production_builds_clients_with_own_secrets() -> None:
+    partners = PartnersSettings(
+        shop=PartnerSettings(url="http://127.0.0.1:1", signing_secret="s" * 40),
+        production=True,
+    )
+    async with build_clients(partners) as clients:
+        assert clients.shop is not None
+        # A partner without a URL is never called, so it needs no secret.
+        assert clients.invoicing is None and clients.notifications is None
+    assert partners.signing_secret("shop") == "s" * 40
 
 
 # --- signing and Retry-After -------------------------------------------------------------------

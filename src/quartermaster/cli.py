@@ -204,16 +204,16 @@ def replay(since: Any) -> None:
 @click.option("--port", default=8100, show_default=True, type=int)
 def sandbox(host: str, port: int) -> None:
     """Run the sandbox partner (invoicing, shop, notifications) for development and tests."""
-    from quartermaster.integrations.sandbox import sandbox_server
+    from quartermaster.integrations.sandbox import sandbox_server, secrets_from_settings
     from quartermaster.observability import configure_logging
 
     settings = _settings()
     configure_logging(settings.log_level, settings.log_json)
-    secrets = {
-        "invoicing": settings.partners.invoicing.signing_secret,
-        "shop": settings.partners.shop.signing_secret,
-        "notifications": settings.partners.notifications.signing_secret,
-    }
+    # The secrets the worker signs with under the same settings (the development one by default).
+    try:
+        secrets = secrets_from_settings(settings.partners)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"sandbox partner on http://{host}:{port} (control API under /_sandbox)")
     sandbox_server(host, port, secrets=secrets).run()
 
@@ -443,6 +443,11 @@ def dev(host: str, port: int, reseed: bool, replica: bool) -> None:
             click.echo("seeded: " + ", ".join(f"{t}={n}" for t, n in counts.items()))
         sandbox_url = _sandbox_for_unconfigured_partners()
         settings = _settings()
+        try:
+            # The worker signs every partner request; refuse here rather than in its task.
+            settings.partners.check_signing()
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
         from quartermaster.app import create_app
 
         app = create_app(settings)
@@ -484,14 +489,19 @@ def _sandbox_for_unconfigured_partners() -> str | None:
 async def _dev_main(server: Any, settings: Settings, sandbox_url: str | None) -> None:
     """The API, a worker (relay + jobs) and, when needed, the sandbox partner in one loop;
     when the API stops (Ctrl-C), the others stop too."""
-    from quartermaster.integrations.sandbox import sandbox_server
+    from quartermaster.integrations.sandbox import sandbox_server, secrets_from_settings
     from quartermaster.workers.runner import run_worker
 
     stop = asyncio.Event()
     background: list[asyncio.Task[None]] = []
     sandbox = None
     if sandbox_url is not None:
-        sandbox = sandbox_server("127.0.0.1", int(sandbox_url.rsplit(":", 1)[1]))
+        # It checks the signatures the worker makes: the same secrets, from the same settings.
+        sandbox = sandbox_server(
+            "127.0.0.1",
+            int(sandbox_url.rsplit(":", 1)[1]),
+            secrets=secrets_from_settings(settings.partners),
+        )
         # dev handles the signals; uvicorn must not take them over in the same process.
         setattr(sandbox, "capture_signals", contextlib.nullcontext)  # noqa: B010
         background.append(asyncio.create_task(sandbox.serve()))

@@ -254,18 +254,67 @@ class PartnerSettings:
     signing_secret: str | None = field(default=None, repr=False)
 
 
+#: Partner name -> the variables of its base URL and of its signing secret.
+PARTNER_VARS = {
+    "invoicing": ("QM_INVOICING_URL", "QM_INVOICING_SIGNING_SECRET"),
+    "shop": ("QM_SHOP_URL", "QM_SHOP_SIGNING_SECRET"),
+    "notifications": ("QM_NOTIFY_URL", "QM_NOTIFY_SIGNING_SECRET"),
+}
+
+
 @dataclass(frozen=True)
 class PartnersSettings:
-    """The partner APIs the workers call (``integrations/``) and their shared timeouts."""
+    """The partner APIs the workers call (``integrations/``) and their shared timeouts.
+
+    ``production`` decides what a partner without a signing secret gets: the public development
+    secret outside production, a refusal in production (:meth:`signing_secret`).
+    """
 
     invoicing: PartnerSettings = field(default_factory=PartnerSettings)
     shop: PartnerSettings = field(default_factory=PartnerSettings)
     notifications: PartnerSettings = field(default_factory=PartnerSettings)
     timeout_s: float = 5.0
     connect_timeout_s: float = 2.0
+    production: bool = False
+
+    def partner(self, name: str) -> PartnerSettings:
+        if name not in PARTNER_VARS:
+            raise ValueError(f"unknown partner {name!r}")
+        partner: PartnerSettings = getattr(self, name)
+        return partner
+
+    def signing_secret(self, name: str) -> str:
+        """The HMAC secret requests to partner ``name`` are signed with; every request is signed.
+
+        Development and tests fall back to the fixed, public ``DEV_SIGNING_SECRET`` (so `dev`
+        and its sandbox partner work out of the box); production refuses a missing or
+        development secret for a partner that has a URL (one that is called at all).
+        """
+        from quartermaster.integrations.signing import DEV_SIGNING_SECRET
+
+        partner = self.partner(name)
+        url_var, secret_var = PARTNER_VARS[name]
+        if partner.signing_secret is None:
+            if self.production and partner.url:
+                raise ValueError(
+                    f"{secret_var} must be set when QM_ENV=production and {url_var} is set "
+                    "(partner requests are always signed)"
+                )
+            return DEV_SIGNING_SECRET
+        if self.production and partner.url and partner.signing_secret == DEV_SIGNING_SECRET:
+            raise ValueError(
+                f"{secret_var} must be the secret agreed with the partner in "
+                "production (not the development default)"
+            )
+        return partner.signing_secret
+
+    def check_signing(self) -> None:
+        """Raise ValueError (see :meth:`signing_secret`) unless every called partner can sign."""
+        for name in PARTNER_VARS:
+            self.signing_secret(name)
 
     @classmethod
-    def from_env(cls) -> PartnersSettings:
+    def from_env(cls, production: bool = False) -> PartnersSettings:
         timeout = _float("QM_PARTNER_TIMEOUT_S", 5.0)
         connect_timeout = _float("QM_PARTNER_CONNECT_TIMEOUT_S", 2.0)
         if timeout <= 0 or connect_timeout <= 0:
@@ -288,6 +337,7 @@ class PartnersSettings:
             ),
             timeout_s=timeout,
             connect_timeout_s=connect_timeout,
+            production=production,
         )
 
 
@@ -391,7 +441,7 @@ class Settings:
             pricing=PricingSettings.from_env(),
             jobs=JobSettings.from_env(),
             access=AccessSettings.from_env(),
-            partners=PartnersSettings.from_env(),
+            partners=PartnersSettings.from_env(production),
             live=LiveSettings.from_env(),
             gc=GcSettings.from_env(env),
         )

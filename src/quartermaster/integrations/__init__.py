@@ -21,9 +21,10 @@ from quartermaster.integrations.notifications import (
     NotificationReceipt,
 )
 from quartermaster.integrations.shop import AvailabilityAck, AvailabilityUpdate, ShopClient
-from quartermaster.integrations.signing import SIGNATURE_HEADER, sign, verify
+from quartermaster.integrations.signing import DEV_SIGNING_SECRET, SIGNATURE_HEADER, sign, verify
 
 __all__ = [
+    "DEV_SIGNING_SECRET",
     "SIGNATURE_HEADER",
     "AvailabilityAck",
     "AvailabilityUpdate",

@@ -60,13 +60,16 @@ class PartnerClient:
         self,
         base_url: str,
         *,
+        signing_secret: str,
         api_key: str | None = None,
-        signing_secret: str | None = None,
         timeout: float = 5.0,
         connect_timeout: float = 2.0,
         max_connections: int = 32,
         on_call: OnCall | None = None,
     ) -> None:
+        # Every request is signed; settings supply the development secret outside production.
+        if not signing_secret:
+            raise ValueError(f"{self.partner}: a signing secret is required")
         headers = {"Accept": "application/json", "User-Agent": "quartermaster"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -118,8 +121,7 @@ class PartnerClient:
         _check_idempotency_key(idempotency_key)
         body = orjson.dumps(payload)
         headers = {"Content-Type": "application/json", IDEMPOTENCY_HEADER: idempotency_key}
-        if self._signing_secret:
-            headers[SIGNATURE_HEADER] = sign(self._signing_secret, body, int(time.time()))
+        headers[SIGNATURE_HEADER] = sign(self._signing_secret, body, int(time.time()))
         started = time.perf_counter()
         status: int | None = None
         try:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self, TypeVar
 
-from quartermaster.config import PartnerSettings, PartnersSettings
+from quartermaster.config import PartnersSettings
 from quartermaster.integrations.base import OnCall, PartnerClient
 from quartermaster.integrations.invoicing.client import InvoicingClient
 from quartermaster.integrations.notifications.client import NotificationClient
@@ -40,15 +40,14 @@ class Clients:
         await self.aclose()
 
 
-def _build(
-    cls: type[C], partner: PartnerSettings, partners: PartnersSettings, on_call: OnCall | None
-) -> C | None:
+def _build(cls: type[C], name: str, partners: PartnersSettings, on_call: OnCall | None) -> C | None:
+    partner = partners.partner(name)
     if not partner.url:
         return None
     return cls(
         partner.url,
         api_key=partner.api_key,
-        signing_secret=partner.signing_secret,
+        signing_secret=partners.signing_secret(name),
         timeout=partners.timeout_s,
         connect_timeout=partners.connect_timeout_s,
         on_call=on_call,
@@ -56,9 +55,14 @@ def _build(
 
 
 def build_clients(partners: PartnersSettings, on_call: OnCall | None = None) -> Clients:
-    """The clients for ``partners``; ``on_call`` receives every call's latency and outcome."""
+    """The clients for ``partners``; ``on_call`` receives every call's latency and outcome.
+
+    Raises ValueError before any client exists when ``partners.production`` and a partner with a
+    URL has no signing secret of its own (so a production worker refuses to start).
+    """
+    partners.check_signing()
     return Clients(
-        invoicing=_build(InvoicingClient, partners.invoicing, partners, on_call),
-        shop=_build(ShopClient, partners.shop, partners, on_call),
-        notifications=_build(NotificationClient, partners.notifications, partners, on_call),
+        invoicing=_build(InvoicingClient, "invoicing", partners, on_call),
+        shop=_build(ShopClient, "shop", partners, on_call),
+        notifications=_build(NotificationClient, "notifications", partners, on_call),
     )

@@ -388,7 +388,9 @@ async def _health(request: Request) -> Response:
 def create_sandbox_app(secrets: dict[str, str | None] | None = None, *, seed: int = 0) -> Starlette:
     """The sandbox partner; ``secrets`` maps a partner name to its signing secret (or None).
 
-    A partner with a secret answers 401 to requests without a valid ``X-QM-Signature``. ``seed``
+    A partner with a secret answers 401 to requests without a valid ``X-QM-Signature``; one
+    without (None or absent) accepts any signature. ``quartermaster dev`` and ``quartermaster
+    sandbox`` pass :func:`secrets_from_settings`, so every partner checks signatures there. ``seed``
     makes the random failures of ``error_rate``/``rate_429`` repeat from run to run.
     """
     unknown = set(secrets or {}) - set(PARTNERS)
@@ -411,12 +413,9 @@ def create_sandbox_app(secrets: dict[str, str | None] | None = None, *, seed: in
 
 
 def secrets_from_settings(partners: PartnersSettings) -> dict[str, str | None]:
-    """The sandbox secrets that match the clients built from the same settings."""
-    return {
-        "invoicing": partners.invoicing.signing_secret,
-        "shop": partners.shop.signing_secret,
-        "notifications": partners.notifications.signing_secret,
-    }
+    """The sandbox secrets that match the clients built from the same settings: each partner's
+    own secret, else the development one (the sandbox then verifies every request)."""
+    return {name: partners.signing_secret(name) for name in PARTNERS}
 
 
 def point_at_sandbox(partners: PartnersSettings, base_url: str) -> PartnersSettings:

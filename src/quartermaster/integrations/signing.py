@@ -3,6 +3,11 @@
 The header looks like ``t=1700000000,v1=<hex>`` (the scheme Stripe popularised). The timestamp
 is inside the MAC so a captured request cannot be replayed after ``tolerance_s``; the body is
 signed as sent, which is why the client encodes JSON once and signs those bytes.
+
+Every request is signed. Outside production a partner without ``QM_<PARTNER>_SIGNING_SECRET``
+gets :data:`DEV_SIGNING_SECRET` (public, like ``auth.DEV_SECRET``), which is also what the sandbox
+partner of ``quartermaster dev`` checks; production refuses to build a client with it
+(``PartnersSettings.signing_secret``).
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ import hashlib
 import hmac
 
 SIGNATURE_HEADER = "X-QM-Signature"
+#: The signing secret of every partner without one of its own, outside production only. It is
+#: public (it is in the source), so a signature made with it proves nothing.
+DEV_SIGNING_SECRET = "dev-only-insecure-signing-secret-change-me-0123"
 
 
 def _mac(secret: str, body: bytes, timestamp: int) -> str:
