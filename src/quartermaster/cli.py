@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from quartermaster.config import Settings
+from quartermaster.config import PARTNER_VARS, Settings
 
 FIRST_QUERY = """\
 { orders(first: 5) { edges { node { number status total customer { name }
@@ -147,6 +147,11 @@ def worker(
     _require_database(settings)
     if not settings.redis.url:
         raise click.ClickException("QM_REDIS_URL is not set.")
+    for partner in PARTNER_VARS:  # production refuses unsigned or dev-signed partner calls
+        try:
+            settings.partners.signing_secret(partner)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
     configure_logging(settings.log_level, settings.log_json)
     port = metrics_port if metrics_port is not None else settings.jobs.metrics_port
     _run_until_signal(
