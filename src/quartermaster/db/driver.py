@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from asyncpg.exceptions import PostgresError
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -48,6 +49,11 @@ class DriverStatement:
             raise DBAPIError(self.sql, args, exc) from exc
 
 
+async def driver_connection(conn: AsyncConnection) -> Any:
+    """The asyncpg connection under ``conn``."""
+    return (await conn.get_raw_connection()).driver_connection
+
+
 async def _driver_in_transaction(conn: AsyncConnection) -> Any:
     """The asyncpg connection under ``conn``, with the transaction SQLAlchemy began on it
     started (the adapter starts it lazily, at its first statement)."""
@@ -65,6 +71,4 @@ async def _driver_in_transaction(conn: AsyncConnection) -> Any:
 
 def _is_server_error(exc: Exception) -> bool:
     """An error the server reported (the connection is fine), not a broken connection."""
-    from asyncpg.exceptions import PostgresError
-
     return isinstance(exc, PostgresError)

@@ -389,6 +389,6 @@ async def wal_lsn_after_commit(conn: AsyncConnection) -> int:
     """The WAL position read on ``conn`` right after it committed, before it goes back to the
     pool: one round trip on the driver connection (no BEGIN/ROLLBACK, no pool checkout), at or
     past the commit record just written."""
-    raw = await conn.get_raw_connection()
-    driver: Any = raw.driver_connection
-    return parse_lsn(await driver.fetchval(_TOKEN_SQL.text))
+    from quartermaster.db.driver import driver_connection
+
+    return parse_lsn(await (await driver_connection(conn)).fetchval(_TOKEN_SQL.text))

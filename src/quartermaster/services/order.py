@@ -103,10 +103,17 @@ async def load_customer_and_products(
     customer, products = await product_repo.customer_and_products(
         conn, customer_id, [line.product_id for line in lines]
     )
+    check_customer_and_products(customer, lines, products)
+    return customer, products
+
+
+def check_customer_and_products(
+    customer: Any, lines: Sequence[LineRequest], products: Mapping[int, Any]
+) -> None:
+    """NOT_FOUND for a missing customer, then the lines' product problems."""
     if customer is None:
         raise ProblemsError([Problem("NOT_FOUND", "No such customer.", ("customerId",))])
     check_products(lines, products)
-    return customer, products
 
 
 def request_hash(payload: Mapping[str, Any]) -> str:
@@ -232,9 +239,7 @@ async def place_order(
     customer, products, levels = await stock_repo.order_context(
         conn, customer_id, [line.product_id for line in lines]
     )
-    if customer is None:
-        raise ProblemsError([Problem("NOT_FOUND", "No such customer.", ("customerId",))])
-    check_products(lines, products)
+    check_customer_and_products(customer, lines, products)
     pct = tier_discounts.get(customer.tier.value, Decimal(0))
     priced = [
         price_with_tier(line.product_id, line.quantity, products[line.product_id].unit_price, pct)
@@ -279,32 +284,22 @@ async def confirm_order(conn: AsyncConnection, order_id: int) -> None:
 
 async def _move_allocations(
     conn: AsyncConnection, order_id: int, reason: StockChangeReason
-) -> list[LevelChange]:
+) -> None:
     """Release (RELEASE) or ship (SHIPMENT) every allocation of the order."""
     rows = await stock_repo.allocations_of_order(conn, order_id)
-    levels = {
-        level.id: level for level in await stock_repo.lock_levels(conn, [r.level_id for r in rows])
-    }
+    await stock_repo.lock_levels(conn, [r.level_id for r in rows])  # in the one global order
     shipped = reason is StockChangeReason.SHIPMENT
-    changes = []
-    for row in rows:
-        level = levels[row.level_id]
-        changes.append(
-            LevelChange(
-                row.level_id,
-                row.product_id,
-                row.warehouse_id,
-                reason,
-                on_hand_delta=-row.quantity if shipped else 0,
-                reserved_delta=-row.quantity,
-                on_hand_after=level.on_hand - (row.quantity if shipped else 0),
-                reserved_after=level.reserved - row.quantity,
-                low_stock_threshold=level.low_stock_threshold,
-                order_id=order_id,
-            )
+    changes = [
+        LevelChange(
+            row.level_id,
+            reason,
+            on_hand_delta=-row.quantity if shipped else 0,
+            reserved_delta=-row.quantity,
+            order_id=order_id,
         )
+        for row in rows
+    ]
     await record_changes(conn, changes)
-    return changes
 
 
 async def cancel_order(conn: AsyncConnection, order_id: int, reason: str | None) -> None:

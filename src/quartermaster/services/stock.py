@@ -27,15 +27,13 @@ MAX_ADJUSTMENT = 1_000_000
 
 @dataclass(frozen=True)
 class LevelChange:
+    """One change of a locked stock level; the statement that applies it reads the levels as
+    it leaves them for the outbox event, so nothing "after" is computed here."""
+
     level_id: int
-    product_id: int
-    warehouse_id: int
     reason: StockChangeReason
     on_hand_delta: int
     reserved_delta: int
-    on_hand_after: int
-    reserved_after: int
-    low_stock_threshold: int
     order_id: int | None = None
 
 
@@ -168,23 +166,7 @@ async def adjust_stock(
     if delta:
         await record_changes(
             conn,
-            [
-                LevelChange(
-                    level.id,
-                    product_id,
-                    warehouse_id,
-                    reason,
-                    on_hand_delta=delta,
-                    reserved_delta=0,
-                    on_hand_after=level.on_hand + delta,
-                    reserved_after=level.reserved,
-                    low_stock_threshold=(
-                        level.low_stock_threshold
-                        if low_stock_threshold is None
-                        else low_stock_threshold
-                    ),
-                )
-            ],
+            [LevelChange(level.id, reason, on_hand_delta=delta, reserved_delta=0)],
         )
     log.info("stock.adjusted", level_id=level.id, delta=delta, reason=reason.value)
     return int(level.id)

@@ -86,8 +86,9 @@ async def set_status(
 # Every write of a placed order in one statement (one round trip, one prepared statement): the
 # order, its lines, the allocations, the stock-level updates (expressions on rows the caller has
 # locked), the RESERVATION ledger rows and the outbox events.
-_PLACE_ORDER_SQL = text(
-    """
+_PLACE_ORDER = DriverStatement(
+    text(
+        """
 WITH o AS (
   INSERT INTO orders (id, number, customer_id, status, currency, subtotal, discount_total, total,
                       quotation_id, idempotency_key, request_hash)
@@ -136,16 +137,14 @@ e AS (
   FROM s, o)
 SELECT * FROM o
 """
-).columns(*orders.c)  # typed like the table, so status comes back as the enum
-
-
-_PLACE_ORDER_DRIVER = DriverStatement(_PLACE_ORDER_SQL)
+    )
+)
 
 
 async def insert_reserved_order(conn: AsyncConnection, params: dict[str, Any]) -> Any:
-    """Run ``_PLACE_ORDER_SQL`` (hot path: on the driver connection, ``db/driver.py``); returns
+    """Run ``_PLACE_ORDER`` (hot path: on the driver connection, ``db/driver.py``); returns
     the new order row, with the table's column names as attributes."""
-    (record,) = await _PLACE_ORDER_DRIVER.fetch(conn, params)
+    (record,) = await _PLACE_ORDER.fetch(conn, params)
     row = SimpleNamespace(**dict(record))
     row.status = OrderStatus(row.status)
     return row

@@ -13,7 +13,6 @@ from quartermaster.db.driver import DriverStatement
 from quartermaster.db.models import Product, StockLevel
 from quartermaster.db.pagination import Sort
 from quartermaster.db.repositories import escape_like
-from quartermaster.db.repositories.customer import customers
 from quartermaster.enums import CustomerTier
 
 products = cast(Table, Product.__table__)
@@ -103,7 +102,7 @@ async def customer_and_products(
 ) -> tuple[Any, dict[int, Any]]:
     """The customer (or None) and the products for sale among ``product_ids``: one round trip
     (hot path: on the driver connection, ``db/driver.py``)."""
-    records = await _CUSTOMER_AND_PRODUCTS_DRIVER.fetch(
+    records = await _CUSTOMER_AND_PRODUCTS.fetch(
         conn, {"customer_id": customer_id, "ids": product_ids}
     )
     if not records:
@@ -115,16 +114,10 @@ async def customer_and_products(
 
 
 # Fixed text with an array parameter: compiled once, one prepared statement (hot path).
-_CUSTOMER_AND_PRODUCTS = text(
-    "SELECT c.id AS customer_id, c.tier, p.id, p.unit_price, p.currency, p.active "
-    "FROM customers AS c LEFT OUTER JOIN products AS p "
-    "ON p.id = ANY(CAST(:ids AS bigint[])) WHERE c.id = :customer_id"
-).columns(
-    customer_id=customers.c.id.type,
-    tier=customers.c.tier.type,
-    id=products.c.id.type,
-    unit_price=products.c.unit_price.type,
-    currency=products.c.currency.type,
-    active=products.c.active.type,
+_CUSTOMER_AND_PRODUCTS = DriverStatement(
+    text(
+        "SELECT c.id AS customer_id, c.tier, p.id, p.unit_price, p.currency, p.active "
+        "FROM customers AS c LEFT OUTER JOIN products AS p "
+        "ON p.id = ANY(CAST(:ids AS bigint[])) WHERE c.id = :customer_id"
+    )
 )
-_CUSTOMER_AND_PRODUCTS_DRIVER = DriverStatement(_CUSTOMER_AND_PRODUCTS)

@@ -73,20 +73,19 @@ def select_stock_levels(spec: StockLevelFilterSpec | None) -> Select[Any]:
 
 # A fixed statement (an array parameter, not an expanding IN list): compiled once, one prepared
 # statement whatever the number of products; it sits on the hot path of every order.
-_LOCK_LEVELS_OF_PRODUCTS = text(
-    f"SELECT {', '.join(c.name for c in stock_levels.c)} FROM stock_levels "
-    "WHERE product_id = ANY(CAST(:ids AS bigint[])) "
-    "ORDER BY product_id, warehouse_id FOR UPDATE"
-).columns(*stock_levels.c)
-
-
-_LOCK_LEVELS_OF_PRODUCTS_DRIVER = DriverStatement(_LOCK_LEVELS_OF_PRODUCTS)
+_LOCK_LEVELS_OF_PRODUCTS = DriverStatement(
+    text(
+        f"SELECT {', '.join(c.name for c in stock_levels.c)} FROM stock_levels "
+        "WHERE product_id = ANY(CAST(:ids AS bigint[])) "
+        "ORDER BY product_id, warehouse_id FOR UPDATE"
+    )
+)
 
 
 async def lock_levels_of_products(conn: AsyncConnection, product_ids: list[int]) -> list[Any]:
     """Lock every stock level of these products, in the one global order (hot path: on the
     driver connection, ``db/driver.py``); rows with the table's column names as attributes."""
-    records = await _LOCK_LEVELS_OF_PRODUCTS_DRIVER.fetch(conn, {"ids": sorted(set(product_ids))})
+    records = await _LOCK_LEVELS_OF_PRODUCTS.fetch(conn, {"ids": sorted(set(product_ids))})
     return [SimpleNamespace(**dict(r)) for r in records]
 
 
