@@ -130,21 +130,3 @@ async def retry_job(conn: AsyncConnection, job_id: int) -> Any:
 class InvoiceData:
     order: Any
     lines: list[Any]
-
-
-async def invoice_data(conn: AsyncConnection, order_id: int) -> InvoiceData | None:
-    found = await repo.order_for_invoice(conn, order_id)
-    return InvoiceData(found[0], found[1]) if found else None
-
-
-async def products_to_sync(conn: AsyncConnection, job: Any) -> list[Any]:
-    """(id, sku, available) of the products a SHOP_SYNC job pushes: its product, or every
-    product of its order (a cancellation). Availability is read now, so the shop gets the
-    latest figure even when the job runs late or twice."""
-    if job.product_id is not None:
-        product_ids = [int(job.product_id)]
-    elif job.order_id is not None:
-        product_ids = await repo.order_product_ids(conn, int(job.order_id))
-    else:
-        product_ids = []
-    return await repo.availability(conn, product_ids)

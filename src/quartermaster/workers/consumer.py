@@ -40,6 +40,7 @@ from quartermaster.streams import (
 )
 from quartermaster.workers.handlers import HANDLERS, PARTNER_OF, NotConfiguredError
 from quartermaster.workers.retry import CircuitBreaker, backoff_delay
+from quartermaster.workers.store import JobStore
 
 log = structlog.get_logger(__name__)
 
@@ -99,6 +100,8 @@ class Worker:
         self._slots = asyncio.Semaphore(self.concurrency)
         self._inflight: dict[asyncio.Task[None], tuple[str, str, dict[Any, Any]]] = {}
         self._move_due = self.redis.register_script(_MOVE_DUE)
+        #: Job rows, handler reads, outcomes and acknowledgements, batched across jobs.
+        self.store = JobStore(db, redis)
 
     def _count(self, kind: IntegrationKind, outcome: str) -> None:
         self.stats.count(kind, outcome)
@@ -131,6 +134,7 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             await self._drain()
+            await self.store.aclose()
 
     async def _drain(self) -> None:
         pending = set(self._inflight)
@@ -268,15 +272,14 @@ class Worker:
     async def _process(self, stream: str, entry_id: str, fields: dict[str, str]) -> None:
         kind = IntegrationKind(fields["kind"])
         job_id = int(fields["job_id"])
-        async with self.db.reader("primary").connect() as conn:
-            job = await repo.get_job(conn, job_id)
+        job = await self.store.job(job_id)
         if job is None:
             log.warning("job.missing", job_id=job_id, stream=stream)
-            await self.redis.xack(stream, WORKER_GROUP, entry_id)
+            await self.store.ack(stream, entry_id)
             return
         if job.status in (IntegrationStatus.SUCCEEDED, IntegrationStatus.DEAD):
             self._count(kind, "duplicate")
-            await self.redis.xack(stream, WORKER_GROUP, entry_id)
+            await self.store.ack(stream, entry_id)
             return
         breaker = self.breakers[PARTNER_OF[kind]]
         if not breaker.allow():
@@ -286,7 +289,7 @@ class Worker:
             return
         handler = HANDLERS[kind]
         try:
-            external_ref = await handler(self.db, self.clients, job)
+            external_ref = await handler(self.store, self.clients, job)
         except PermanentError as exc:
             breaker.success()  # the partner answered: it is up, the request is wrong
             await self._dead(stream, entry_id, fields, job, str(exc))
@@ -305,11 +308,8 @@ class Worker:
             await self._failed(stream, entry_id, fields, job, f"{type(exc).__name__}: {exc}", None)
             return
         breaker.success()
-        async with self.db.reader("primary").connect() as conn:  # autocommit: 1 round trip
-            await repo.finish_attempt(
-                conn, job_id, IntegrationStatus.SUCCEEDED, external_ref=external_ref
-            )
-        await self.redis.xack(stream, WORKER_GROUP, entry_id)
+        await self.store.succeeded(job_id, external_ref)
+        await self.store.ack(stream, entry_id)
         self._count(kind, "succeeded")
         log.info("job.succeeded", job_id=job_id, kind=kind.value, external_ref=external_ref)
 

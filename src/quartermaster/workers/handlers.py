@@ -10,16 +10,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from quartermaster.db.engine import Database
 from quartermaster.enums import IntegrationKind
 from quartermaster.integrations.clients import Clients
 from quartermaster.integrations.errors import PermanentError
 from quartermaster.integrations.invoicing.client import InvoiceLine, InvoiceRequest
 from quartermaster.integrations.notifications.client import Notification
 from quartermaster.integrations.shop.client import AvailabilityUpdate
-from quartermaster.services import integration as service
+from quartermaster.workers.store import JobStore
 
-Handler = Callable[[Database, Clients, Any], Awaitable[str | None]]
+Handler = Callable[[JobStore, Clients, Any], Awaitable[str | None]]
 
 #: The partner each kind talks to (breakers and metrics are per partner).
 PARTNER_OF: dict[IntegrationKind, str] = {
@@ -33,11 +32,10 @@ class NotConfiguredError(Exception):
     """The partner has no URL configured: the job waits and is retried (settings may change)."""
 
 
-async def invoice(db: Database, clients: Clients, job: Any) -> str | None:
+async def invoice(store: JobStore, clients: Clients, job: Any) -> str | None:
     if clients.invoicing is None:
         raise NotConfiguredError("invoicing: QM_INVOICING_URL is not set")
-    async with db.reader("primary").connect() as conn:
-        data = await service.invoice_data(conn, int(job.order_id))
+    data = await store.invoice_data(int(job.order_id))
     if data is None:
         raise PermanentError("invoicing", f"order {job.order_id} does not exist")
     order = data.order
@@ -62,11 +60,10 @@ async def invoice(db: Database, clients: Clients, job: Any) -> str | None:
     return result.invoice_number
 
 
-async def shop_sync(db: Database, clients: Clients, job: Any) -> str | None:
+async def shop_sync(store: JobStore, clients: Clients, job: Any) -> str | None:
     if clients.shop is None:
         raise NotConfiguredError("shop: QM_SHOP_URL is not set")
-    async with db.reader("primary").connect() as conn:
-        products = await service.products_to_sync(conn, job)
+    products = await store.products_to_sync(job)
     several = len(products) > 1
     for product in products:
         base = f"{job.idempotency_key}:{product.sku}" if several else job.idempotency_key
@@ -81,11 +78,10 @@ async def shop_sync(db: Database, clients: Clients, job: Any) -> str | None:
     return None
 
 
-async def notification(db: Database, clients: Clients, job: Any) -> str | None:
+async def notification(store: JobStore, clients: Clients, job: Any) -> str | None:
     if clients.notifications is None:
         raise NotConfiguredError("notifications: QM_NOTIFY_URL is not set")
-    async with db.reader("primary").connect() as conn:
-        data = await service.invoice_data(conn, int(job.order_id))
+    data = await store.invoice_data(int(job.order_id))
     if data is None:
         raise PermanentError("notifications", f"order {job.order_id} does not exist")
     order = data.order

@@ -122,12 +122,6 @@ async def jobs_by_ids(conn: AsyncConnection, ids: Sequence[int]) -> list[Row[Any
     )
 
 
-async def get_job(conn: AsyncConnection, job_id: int) -> Row[Any] | None:
-    return (
-        await conn.execute(integration_jobs.select().where(integration_jobs.c.id == job_id))
-    ).one_or_none()
-
-
 async def lock_job(conn: AsyncConnection, job_id: int) -> Row[Any] | None:
     return (
         await conn.execute(
@@ -195,32 +189,6 @@ async def count_by_status(conn: AsyncConnection) -> dict[tuple[str, str], int]:
     return {(r[0], r[1]): int(r[2]) for r in rows}
 
 
-async def order_for_invoice(conn: AsyncConnection, order_id: int) -> tuple[Any, list[Any]] | None:
-    """The order with its customer's e-mail, and its lines with SKUs."""
-    order = (
-        await conn.execute(
-            text(
-                "SELECT o.id, o.number, o.customer_id, o.currency, o.total, o.status, "
-                "c.email, c.name AS customer_name "
-                "FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = :id"
-            ),
-            {"id": order_id},
-        )
-    ).one_or_none()
-    if order is None:
-        return None
-    lines = (
-        await conn.execute(
-            text(
-                "SELECT p.sku, l.quantity, l.unit_price, l.line_total FROM order_lines l "
-                "JOIN products p ON p.id = l.product_id WHERE l.order_id = :id ORDER BY l.id"
-            ),
-            {"id": order_id},
-        )
-    ).all()
-    return order, list(lines)
-
-
 async def availability(conn: AsyncConnection, product_ids: Sequence[int]) -> list[Row[Any]]:
     """SKU and units available to sell (on hand minus reserved, all warehouses) per product."""
     return list(
@@ -238,9 +206,86 @@ async def availability(conn: AsyncConnection, product_ids: Sequence[int]) -> lis
     )
 
 
-async def order_product_ids(conn: AsyncConnection, order_id: int) -> list[int]:
+# --- the worker's batched reads and writes (``workers/store.py``) ----------------------------
+
+
+async def jobs_by_id(conn: AsyncConnection, ids: Sequence[int]) -> dict[int, Row[Any]]:
+    """Whole job rows by id (the worker's read of every job a stream read started)."""
+    if not ids:
+        return {}
     rows = await conn.execute(
-        text("SELECT DISTINCT product_id FROM order_lines WHERE order_id = :id ORDER BY 1"),
-        {"id": order_id},
+        integration_jobs.select().where(integration_jobs.c.id.in_(sorted(set(ids))))
     )
-    return [int(r[0]) for r in rows]
+    return {int(r.id): r for r in rows}
+
+
+async def orders_for_invoice(
+    conn: AsyncConnection, order_ids: Sequence[int]
+) -> dict[int, tuple[Any, list[Any]]]:
+    """The orders (with the customer's e-mail and name) and their lines with SKUs, for
+    invoices and notifications: two statements however many orders."""
+    ids = sorted(set(order_ids))
+    if not ids:
+        return {}
+    orders = await conn.execute(
+        text(
+            "SELECT o.id, o.number, o.customer_id, o.currency, o.total, o.status, "
+            "c.email, c.name AS customer_name "
+            "FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = ANY(:ids)"
+        ),
+        {"ids": ids},
+    )
+    found: dict[int, tuple[Any, list[Any]]] = {int(o.id): (o, []) for o in orders}
+    if found:
+        lines = await conn.execute(
+            text(
+                "SELECT l.order_id, p.sku, l.quantity, l.unit_price, l.line_total "
+                "FROM order_lines l JOIN products p ON p.id = l.product_id "
+                "WHERE l.order_id = ANY(:ids) ORDER BY l.order_id, l.id"
+            ),
+            {"ids": list(found)},
+        )
+        for line in lines:
+            found[int(line.order_id)][1].append(line)
+    return found
+
+
+async def orders_product_ids(
+    conn: AsyncConnection, order_ids: Sequence[int]
+) -> dict[int, list[int]]:
+    """The distinct products of each order, in id order."""
+    ids = sorted(set(order_ids))
+    if not ids:
+        return {}
+    rows = await conn.execute(
+        text(
+            "SELECT DISTINCT order_id, product_id FROM order_lines "
+            "WHERE order_id = ANY(:ids) ORDER BY 1, 2"
+        ),
+        {"ids": ids},
+    )
+    found: dict[int, list[int]] = {}
+    for order_id, product_id in rows:
+        found.setdefault(int(order_id), []).append(int(product_id))
+    return found
+
+
+_SUCCEEDED_SQL = text(
+    """
+UPDATE integration_jobs j
+SET status = 'SUCCEEDED', attempts = j.attempts + 1, last_error = NULL,
+    external_ref = coalesce(u.ref, j.external_ref), next_attempt_at = NULL, updated_at = now()
+FROM unnest(CAST(:ids AS bigint[]), CAST(:refs AS text[])) AS u(id, ref)
+WHERE j.id = u.id AND j.status <> 'SUCCEEDED'
+"""
+)
+
+
+async def mark_succeeded(conn: AsyncConnection, outcomes: Sequence[tuple[int, str | None]]) -> None:
+    """``finish_attempt(..., SUCCEEDED)`` for many jobs in one statement. A job listed twice
+    (two deliveries that both succeeded) counts one attempt, as two separate calls would."""
+    refs: dict[int, str | None] = {}
+    for job_id, ref in outcomes:
+        refs.setdefault(job_id, ref)
+    if refs:
+        await conn.execute(_SUCCEEDED_SQL, {"ids": list(refs), "refs": list(refs.values())})
