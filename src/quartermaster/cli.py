@@ -189,7 +189,7 @@ def replay(since: Any) -> None:
     """Publish already-published outbox rows again, e.g. after Redis lost its data.
 
     Jobs that succeeded or are DEAD are not enqueued again; everything else is idempotent."""
-    from datetime import UTC
+    from datetime import UTC, datetime, timedelta
 
     from redis.asyncio import Redis
 
@@ -202,6 +202,15 @@ def replay(since: Any) -> None:
         raise click.ClickException("QM_REDIS_URL is not set.")
     if since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
+    retention = timedelta(hours=settings.jobs.outbox_retention_hours)
+    if since < datetime.now(UTC) - retention:
+        click.echo(
+            f"warning: published outbox rows are kept {settings.jobs.outbox_retention_hours:g} h "
+            "(QM_OUTBOX_RETENTION_HOURS); events published before "
+            f"{(datetime.now(UTC) - retention).isoformat(timespec='seconds')} are deleted and "
+            "cannot be replayed, nor their unfinished jobs enqueued again.",
+            err=True,
+        )
 
     async def run() -> tuple[int, int]:
         db = Database.connect(settings.database)

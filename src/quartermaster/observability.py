@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from quartermaster.db.engine import Database, Role
+from quartermaster.enums import IntegrationKind, IntegrationStatus
 
 _OPERATION_NAME = re.compile(r"^[_A-Za-z][_0-9A-Za-z]{0,63}$")
 MAX_OPERATION_LABELS = 500
@@ -195,19 +196,35 @@ class PipelineMetrics:
             "qm_redis_up", "1 when Redis answered the last scrape", registry=registry
         )
         self.taken_at = 0.0
+        #: The label sets each labelled gauge shows now (by ``id`` of the gauge).
+        self._shown: dict[int, set[tuple[str, ...]]] = {}
 
     def update(self, snap: Any) -> None:
-        for (kind, status), n in snap.jobs.items():
-            self.jobs.labels(kind, status).set(n)
+        # Every kind and status is set, 0 when no job has it now: a status that empties must
+        # not keep its last count.
+        for kind in IntegrationKind:
+            for status in IntegrationStatus:
+                self.jobs.labels(kind.value, status.value).set(
+                    snap.jobs.get((kind.value, status.value), 0)
+                )
         self.outbox_unpublished.set(snap.outbox_unpublished)
-        for stream, n in snap.stream_length.items():
-            self.stream_length.labels(stream).set(n)
-        for (stream, group), n in snap.group_pending.items():
-            self.pending.labels(stream, group).set(n)
-        for (stream, group), n in snap.group_lag.items():
-            self.lag.labels(stream, group).set(n)
         self.retries.set(snap.retries_scheduled)
         self.redis_up.set(1 if snap.redis_ok else 0)
+        if not snap.redis_ok:
+            return  # the stream figures keep their last values; qm_redis_up says they are old
+        self._replace(self.stream_length, {(k,): v for k, v in snap.stream_length.items()})
+        self._replace(self.pending, snap.group_pending)
+        self._replace(self.lag, snap.group_lag)
+
+    def _replace(self, gauge: Gauge, values: dict[tuple[str, ...], int]) -> None:
+        """Set ``gauge`` to exactly ``values``: label sets that are gone (a group deleted, a
+        Redis that lost its data) are removed instead of showing their last figure forever."""
+        shown = self._shown.setdefault(id(gauge), set())
+        for labels in shown - values.keys():
+            gauge.remove(*labels)
+        for labels, n in values.items():
+            gauge.labels(*labels).set(n)
+        self._shown[id(gauge)] = set(values)
 
 
 class WorkerMetrics:

@@ -48,6 +48,10 @@ log = structlog.get_logger(__name__)
 #: pg advisory lock key of the relay leader ("qm-relay").
 RELAY_LOCK_KEY = 0x716D2D72656C6179
 STANDBY_POLL_S = 1.0
+_CONNECTION_CHECK = text(
+    "SELECT set_config('client_connection_check_interval', '1s', false) "
+    "WHERE current_setting('server_version_num')::int >= 140000"
+)
 CLEANUP_EVERY_S = 60.0
 
 
@@ -73,6 +77,11 @@ class Relay:
         if self._conn is None:
             conn = await self.db.primary.connect()
             try:
+                # The leader's lock goes with its session. PostgreSQL notices a client that
+                # died mid-statement (a lock wait, a slow UPDATE) only when it next talks to
+                # it, unless it checks the socket while the statement runs: every second here
+                # (PostgreSQL 14+), so a standby takes over promptly.
+                await conn.execute(_CONNECTION_CHECK)
                 got = (
                     await conn.execute(
                         text("SELECT pg_try_advisory_lock(:k)"), {"k": RELAY_LOCK_KEY}
