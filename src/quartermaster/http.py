@@ -29,6 +29,7 @@ from quartermaster.auth import AuthenticationError, Principal, principal_from_he
 from quartermaster.context import Context
 from quartermaster.db.engine import StatementStats, current_stats
 from quartermaster.db.replica import TOKEN_HEADER, InvalidConsistencyToken, decode_token
+from quartermaster.live.connection import RAW_WEBSOCKET_SEND
 from quartermaster.live.expiry import until_expiry
 from quartermaster.live.transport import LiveTransportWSHandler, bearer_token
 from quartermaster.schema.extensions import normalize_error
@@ -286,6 +287,9 @@ class RequestContextMiddleware:
         status = {"code": 0}
 
         if scope["type"] == "websocket":
+            # The server's own send, below Starlette's wrappers: live stock frames go straight
+            # to it (``live/transport.py``), one call per frame and subscriber.
+            scope[RAW_WEBSOCKET_SEND] = send
             try:
                 await self.app(scope, receive, send)
             finally:

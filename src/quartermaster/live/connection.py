@@ -26,6 +26,9 @@ log = structlog.get_logger("quartermaster.live")
 #: reconnects after 1013.
 SLOW_CLOSE_CODE = 1013
 SLOW_CLOSE_REASON = "Subscriber too slow: reconnect and resume with after"
+#: Scope key under which the request middleware leaves the ASGI server's own ``send`` of a
+#: WebSocket connection (``http.RequestContextMiddleware``).
+RAW_WEBSOCKET_SEND = "qm.websocket_send"
 
 
 class FrameOwner(Protocol):
