@@ -668,8 +668,10 @@ def auto_notes(rows: list[Row], meta: Row) -> list[str]:
         "- Database transactions per order: "
         f"{median([r['db_transactions_per_order'] for r in rows])}"
         " (`pg_stat_database`): the API's write and payload read, the relay's claim and mark "
-        "rounds (including its empty polls every `QM_RELAY_POLL_S`), and three per job in the "
-        "worker (read the job, read the handler's data, record the outcome)."
+        "rounds (including its empty polls every `QM_RELAY_POLL_S`), and the worker's batched "
+        "reads and writes (`workers/store.py`: the job rows of a stream read, their handlers' "
+        "data, and the outcomes of the jobs that finish within 2 ms of each other, one "
+        "statement each per batch)."
     )  # fmt: skip
     if best is not None:
         st = list(best["stages_ms"].values())
@@ -677,10 +679,11 @@ def auto_notes(rows: list[Row], meta: Row) -> list[str]:
             f"- Where the time goes at {best['rate']:g} orders/s (p50 / p99 ms): commit → relay "
             f"claim {st[2]['p50']} / {st[2]['p99']} (the relay sleeps `QM_RELAY_POLL_S` = "
             f"{meta['env'].get('QM_RELAY_POLL_S', '0.02')} s when the outbox is empty, and "
-            f"claims only rows older than every running transaction), claim → XADD "
+            f"shares the worker process's event loop), claim → XADD "
             f"{st[3]['p50']} / {st[3]['p99']} (the relay's round), XADD → partner call "
             f"{st[4]['p50']} / {st[4]['p99']} (the worker's XREADGROUP wakes at once on new "
-            "entries, then reads the job and the handler's data and makes the HTTP call), "
+            "entries, then reads the job and the handler's data, batched with the other jobs "
+            "of the read, and makes the HTTP call), "
             f"partner call → job recorded {st[5]['p50']} / {st[5]['p99']}."
         )  # fmt: skip
     for r in rows:
