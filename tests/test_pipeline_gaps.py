@@ -301,7 +301,8 @@ async def test_api_metrics_show_jobs_by_status_and_stream_lag_and_pending(
     pending count per group, partner latency and breaker state". The worker's /metrics is
     checked in ``test_integration_pipeline.py``; this is the API's, scraped once (its pipeline
     figures are taken on a scrape, at most every 5 s) after a worker finished an order.
-    Partner latency and breaker state live in the worker processes and the API has neither."""
+    Partner latency and breaker state live in the worker processes: the API shows what each
+    worker reports of them (``test_api_metrics_show_each_workers_partner_calls_and_breakers``)."""
     p = pipeline
     a, b = p.catalog.products[:2]
     p.start("worker")
@@ -352,3 +353,55 @@ async def test_api_metrics_job_counts_follow_jobs_out_of_a_status(pipeline: Pipe
         for kind in IntegrationKind
     }
     assert stale == {kind.value: 0 for kind in IntegrationKind}  # shown as 0, not as before
+
+
+async def test_api_metrics_show_each_workers_partner_calls_and_breakers(
+    pipeline: Pipeline,
+) -> None:
+    """Each worker reports its breaker states and partner call counts to Redis every few
+    seconds; the API's /metrics shows them per worker, and a worker that stops is dropped."""
+    p = pipeline
+    worker = p.start("worker")
+    await p.place_order([(p.catalog.products[0], 1)])
+    await p.wait_all_succeeded(3)
+
+    async def scrape() -> Samples:
+        return parse_metrics((await p.api.get("/metrics")).text)
+
+    def of_partner(samples: Samples, name: str, partner: str) -> dict[str, float]:
+        """{worker: value} of metric ``name`` for ``partner`` (outcome "ok" where it has one)."""
+        found: dict[str, float] = {}
+        for (metric, labels), value in samples.items():
+            d = dict(labels)
+            if metric == name and d.get("partner") == partner and d.get("outcome", "ok") == "ok":
+                found[d["worker"]] = value
+        return found
+
+    async def reported() -> bool:
+        samples = await scrape()
+        return all(
+            sum(of_partner(samples, "qm_worker_partner_requests", partner).values()) >= 1
+            for partner in ("invoicing", "shop", "notifications")
+        )
+
+    # the worker reports every 5 s, the API takes new figures at most every 5 s
+    await p.eventually(reported, "the worker's partner calls on the API's /metrics", limit_s=20)
+    samples = await scrape()
+    assert sample(samples, "qm_workers_reporting") == 1
+    calls = of_partner(samples, "qm_worker_partner_requests", "invoicing")
+    (name,) = calls  # one worker, named by host and pid
+    assert calls[name] == 1  # one invoice
+    seconds = of_partner(samples, "qm_worker_partner_request_seconds_sum", "invoicing")
+    assert 0 < seconds[name] < 5  # the sandbox answers at once
+    for partner in ("invoicing", "shop", "notifications"):
+        assert of_partner(samples, "qm_worker_partner_breaker_state", partner) == {name: 0}
+
+    assert await worker.terminate() == 0
+    gone = await p.redis.zrange("qm:workers", 0, -1)
+    assert gone == []  # a stopping worker withdraws its report
+
+    async def dropped() -> bool:
+        return sample(await scrape(), "qm_workers_reporting") == 0
+
+    await p.eventually(dropped, "the stopped worker to leave the API's /metrics", limit_s=15)
+    assert of_partner(await scrape(), "qm_worker_partner_breaker_state", "invoicing") == {}

@@ -195,6 +195,29 @@ class PipelineMetrics:
         self.redis_up = Gauge(
             "qm_redis_up", "1 when Redis answered the last scrape", registry=registry
         )
+        self.workers = Gauge(
+            "qm_workers_reporting", "Worker processes that reported lately", registry=registry
+        )
+        self.worker_breaker = Gauge(
+            "qm_worker_partner_breaker_state",
+            "Circuit breaker per worker and partner, as the worker last reported it: 0 closed, "
+            "1 half-open, 2 open",
+            ["worker", "partner"],
+            registry=registry,
+        )
+        self.worker_calls = Gauge(
+            "qm_worker_partner_requests",
+            "Partner API calls per worker, partner and outcome since the worker started",
+            ["worker", "partner", "outcome"],
+            registry=registry,
+        )
+        self.worker_call_seconds = Gauge(
+            "qm_worker_partner_request_seconds_sum",
+            "Seconds spent in those partner calls (divide by qm_worker_partner_requests for the "
+            "mean latency; each worker's own /metrics has the histogram)",
+            ["worker", "partner", "outcome"],
+            registry=registry,
+        )
         self.taken_at = 0.0
         #: The label sets each labelled gauge shows now (by ``id`` of the gauge).
         self._shown: dict[int, set[tuple[str, ...]]] = {}
@@ -215,8 +238,22 @@ class PipelineMetrics:
         self._replace(self.stream_length, {(k,): v for k, v in snap.stream_length.items()})
         self._replace(self.pending, snap.group_pending)
         self._replace(self.lag, snap.group_lag)
+        breakers: dict[tuple[str, ...], float] = {}
+        calls: dict[tuple[str, ...], float] = {}
+        seconds: dict[tuple[str, ...], float] = {}
+        for worker, report in snap.workers.items():
+            for partner, state in (report.get("breakers") or {}).items():
+                breakers[(worker, str(partner))] = float(state)
+            for c in report.get("calls") or []:
+                labels = (worker, str(c["partner"]), str(c["outcome"]))
+                calls[labels] = float(c["count"])
+                seconds[labels] = float(c["seconds"])
+        self.workers.set(len(snap.workers))
+        self._replace(self.worker_breaker, breakers)
+        self._replace(self.worker_calls, calls)
+        self._replace(self.worker_call_seconds, seconds)
 
-    def _replace(self, gauge: Gauge, values: dict[tuple[str, ...], int]) -> None:
+    def _replace(self, gauge: Gauge, values: dict[tuple[str, ...], Any]) -> None:
         """Set ``gauge`` to exactly ``values``: label sets that are gone (a group deleted, a
         Redis that lost its data) are removed instead of showing their last figure forever."""
         shown = self._shown.setdefault(id(gauge), set())
@@ -252,6 +289,8 @@ class WorkerMetrics:
             ["partner"],
             registry=self.registry,
         )
+        #: (partner, outcome) → [calls, seconds], for the report other processes read.
+        self.partner_calls: dict[tuple[str, str], list[Any]] = {}
         self.relay_published = Counter(
             "qm_relay_published_total",
             "Outbox rows published by this process's relay",
@@ -260,3 +299,16 @@ class WorkerMetrics:
 
     def on_partner_call(self, partner: str, seconds: float, outcome: str) -> None:
         self.partner_latency.labels(partner, outcome).observe(seconds)
+        totals = self.partner_calls.setdefault((partner, outcome), [0, 0.0])
+        totals[0] += 1
+        totals[1] += seconds
+
+    def report(self, breakers: dict[str, int]) -> dict[str, Any]:
+        """What this worker publishes for the pipeline-wide /metrics (``monitor.py``)."""
+        return {
+            "breakers": breakers,
+            "calls": [
+                {"partner": partner, "outcome": outcome, "count": n, "seconds": round(t, 6)}
+                for (partner, outcome), (n, t) in sorted(self.partner_calls.items())
+            ],
+        }

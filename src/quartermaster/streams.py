@@ -22,6 +22,11 @@ DEAD_LETTER_STREAM = "qm:jobs:dead"
 RETRY_SCHEDULE = "qm:jobs:retry"
 #: Consumer group every worker joins on each job stream.
 WORKER_GROUP = "qm-workers"
+#: Sorted set of the worker processes that reported lately (member = worker name, score = unix
+#: time of its last report); each report lives under ``worker_report_key(name)`` with a TTL.
+#: A report holds the worker's breaker states and partner call counts, so the /metrics of the
+#: API (and of every worker) can show them for the whole pipeline.
+WORKER_REPORTS = "qm:workers"
 
 #: Every committed stock change, in commit order per stock level. Entries: ``outbox_id``,
 #: ``occurred_at`` (ISO 8601) and ``payload`` (JSON: stock_level_id, product_id, warehouse_id,
@@ -32,3 +37,7 @@ STOCK_EVENTS_STREAM = "qm:stock-events"
 
 def job_stream(kind: IntegrationKind) -> str:
     return JOB_STREAMS[kind]
+
+
+def worker_report_key(name: str) -> str:
+    return f"qm:worker:{name}"

@@ -1,11 +1,14 @@
 """Pipeline figures for /metrics (of the API and of every worker): jobs by status, outbox
-backlog, stream length, lag and pending entries per consumer group, scheduled retries."""
+backlog, stream length, lag and pending entries per consumer group, scheduled retries, and
+what each live worker reported of its partners (breaker states, call counts and seconds)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import text
@@ -17,9 +20,13 @@ from quartermaster.streams import (
     JOB_STREAMS,
     RETRY_SCHEDULE,
     STOCK_EVENTS_STREAM,
+    WORKER_REPORTS,
+    worker_report_key,
 )
 
 LAG_SCAN_LIMIT = 10_000
+#: A worker's report counts for this long (it reports every few seconds while it runs).
+REPORT_TTL_S = 30
 
 
 @dataclass
@@ -31,6 +38,8 @@ class PipelineSnapshot:
     group_lag: dict[tuple[str, str], int] = field(default_factory=dict)
     retries_scheduled: int = 0
     redis_ok: bool = True
+    #: worker name → its last report (``publish_report``), for the workers alive lately.
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 async def snapshot(db: Database, redis: Redis | None) -> PipelineSnapshot:
@@ -63,9 +72,48 @@ async def snapshot(db: Database, redis: Redis | None) -> PipelineSnapshot:
                     lag = len(rest or [])
                 snap.group_lag[(stream, name)] = int(lag)
         snap.retries_scheduled = int(await redis.zcard(RETRY_SCHEDULE))
+        snap.workers = await worker_reports(redis)
     except RedisError:
         snap.redis_ok = False
     return snap
+
+
+async def publish_report(redis: Redis, name: str, report: dict[str, Any]) -> None:
+    """Publish a worker's report (its key expires unless renewed; the index is pruned by
+    readers)."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.set(worker_report_key(name), orjson.dumps(report), ex=REPORT_TTL_S)
+    pipe.zadd(WORKER_REPORTS, {name: time.time()})
+    await pipe.execute()
+
+
+async def withdraw_report(redis: Redis, name: str) -> None:
+    """A worker that stops takes its report away."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.zrem(WORKER_REPORTS, name)
+    pipe.delete(worker_report_key(name))
+    await pipe.execute()
+
+
+async def worker_reports(redis: Redis) -> dict[str, dict[str, Any]]:
+    """The reports of the workers that published within ``REPORT_TTL_S``."""
+    cutoff = time.time() - REPORT_TTL_S
+    await redis.zremrangebyscore(WORKER_REPORTS, "-inf", cutoff)
+    names = [_s(n) for n in await redis.zrangebyscore(WORKER_REPORTS, cutoff, "+inf")]
+    if not names:
+        return {}
+    reports: dict[str, dict[str, Any]] = {}
+    raws = await redis.mget([worker_report_key(n) for n in names])
+    for name, raw in zip(names, raws, strict=True):
+        if raw is None:
+            continue
+        try:
+            report = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(report, dict):
+            reports[name] = report
+    return reports
 
 
 def _s(value: Any) -> str:

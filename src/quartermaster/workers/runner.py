@@ -14,7 +14,7 @@ from quartermaster.db.engine import Database
 from quartermaster.integrations.clients import build_clients
 from quartermaster.observability import WorkerMetrics
 from quartermaster.workers.consumer import Worker
-from quartermaster.workers.monitor import snapshot
+from quartermaster.workers.monitor import publish_report, snapshot, withdraw_report
 from quartermaster.workers.relay import Relay
 
 log = structlog.get_logger(__name__)
@@ -65,6 +65,9 @@ async def run_worker(
             ready.set()
         await asyncio.gather(*loops)
     finally:
+        if worker is not None:
+            with contextlib.suppress(Exception):  # gone from the pipeline-wide figures at once
+                await withdraw_report(redis, worker.name)
         await clients.aclose()
         await redis.aclose()
         await db.dispose()
@@ -77,12 +80,18 @@ async def _refresh_metrics(
     db: Database, redis: Redis, metrics: WorkerMetrics, worker: Worker | None, stop: asyncio.Event
 ) -> None:
     while not stop.is_set():
+        if worker is not None:
+            for partner, breaker in worker.breakers.items():
+                metrics.breaker.labels(partner).set(int(breaker.state))
+            # What the API's (and the other workers') /metrics show of this worker's partners.
+            states = {p: int(b.state) for p, b in worker.breakers.items()}
+            try:
+                await publish_report(redis, worker.name, metrics.report(states))
+            except Exception as exc:  # the report is for metrics only
+                log.debug("worker.report_failed", error=repr(exc))
         try:
             metrics.pipeline.update(await snapshot(db, redis))
         except Exception as exc:  # metrics must never take the worker down
             log.debug("worker.metrics_error", error=repr(exc))
-        if worker is not None:
-            for partner, breaker in worker.breakers.items():
-                metrics.breaker.labels(partner).set(int(breaker.state))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), METRICS_REFRESH_S)
