@@ -100,6 +100,26 @@ async def test_a_cancelled_caller_does_not_break_the_batch() -> None:
     assert flush.calls == [[1, 2]]
 
 
+async def test_aclose_flushes_what_waits_and_gives_up_on_a_hung_flush() -> None:
+    flush = Recorder()
+    batcher: Batcher[int, int] = Batcher(flush, window_s=60)  # would wait a minute
+    waiting = batcher.submit(3)
+    await batcher.aclose()
+    assert await waiting == 30 and flush.calls == [[3]]
+
+    async def hangs(items: list[int]) -> list[int]:
+        await asyncio.sleep(3600)
+        return items
+
+    stuck: Batcher[int, int] = Batcher(hangs)
+    caller = stuck.submit(1)
+    await asyncio.sleep(0.01)  # the flush is under way
+    started = asyncio.get_running_loop().time()
+    await stuck.aclose(timeout_s=0.1)
+    assert asyncio.get_running_loop().time() - started < 2
+    assert caller.cancelled()
+
+
 # ---------------------------------------------------------------- JobStore
 
 

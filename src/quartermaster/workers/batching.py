@@ -90,8 +90,15 @@ class Batcher(Generic[I, R]):
             if not future.done():  # a caller that was cancelled meanwhile
                 future.set_result(result)
 
-    async def aclose(self) -> None:
-        """Flush what is waiting and wait for the flushes under way."""
+    async def aclose(self, timeout_s: float = 5.0) -> None:
+        """Flush what is waiting and wait for the flushes under way, ``timeout_s`` at most (a
+        database or Redis that does not answer must not hold a shutdown up); the rest are
+        cancelled, and their callers get the cancellation."""
         self._dispatch()
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+        if not self._running:
+            return
+        _, late = await asyncio.wait(set(self._running), timeout=timeout_s)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
