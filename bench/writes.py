@@ -520,8 +520,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--instances",
         type=int,
-        default=1,
-        help="API server instances; the load generator spreads its connections round robin",
+        default=os.cpu_count() or 1,
+        help="API server instances (default: one per core, as deployed); the load generator "
+        "spreads its connections round robin",
     )
     return p.parse_args()
 
