@@ -46,8 +46,11 @@ class LiveConnection:
         queue_size: int,
         on_fail: Callable[[LiveConnection], None],
         on_slow: Callable[[], None] | None = None,
+        cork: Callable[[bool], None] | None = None,
     ) -> None:
         self._send = send
+        self._cork = cork
+        self._holds = 0
         self._close = close
         self.queue_size = queue_size
         self._on_fail = on_fail
@@ -123,6 +126,18 @@ class LiveConnection:
             self._progress.set()
             if self._frames and not self.failed:
                 self._kick()
+
+    def hold(self) -> None:
+        """Keep what is sent from now on in the kernel until ``release`` (TCP_CORK): the
+        frames of a batch leave together. Holds nest; without a socket to cork, no-op."""
+        self._holds += 1
+        if self._holds == 1 and self._cork is not None and not self.failed:
+            self._cork(True)
+
+    def release(self) -> None:
+        self._holds = max(0, self._holds - 1)
+        if self._holds == 0 and self._cork is not None:
+            self._cork(False)
 
     def push_last(self, owner: FrameOwner, frame: str, then: Callable[[], None]) -> None:
         """Queue a final frame of ``owner`` (after its pending ones); ``then`` runs right

@@ -73,6 +73,12 @@ class LiveMetrics:
         self.renders = Counter(
             "qm_live_renders_total", "Selections executed (once per event and render group)", **kw
         )
+        self.batches = Counter(
+            "qm_live_dispatches_total",
+            "Read batches fanned out, by whether they held several events (sent corked)",
+            ["events"],
+            **kw,
+        )
         self.slow_closes = Counter(
             "qm_live_slow_closes_total", "Connections closed because a subscriber lagged", **kw
         )
@@ -240,24 +246,40 @@ class StockHub:
             for outcome in await asyncio.gather(*pending, return_exceptions=True):
                 if isinstance(outcome, BaseException):
                     log.error("live.render_failed", exc_info=outcome)
+        # Several events for the same sockets: each connection holds its frames back (TCP
+        # cork) until the batch is out, so a subscriber gets them in one transmission instead
+        # of one per frame. On loopback and on busy hosts the transmission, not the copy, is
+        # what a send costs; a single event goes out as it is.
+        held = (
+            {c for _, matching in plan for s in matching if (c := getattr(s, "connection", None))}
+            if len(plan) > 1
+            else set()
+        )
+        for connection in held:
+            connection.hold()
         deliveries = 0
-        for n, (event, matching) in enumerate(plan):
-            if n:
-                # Let the connection writers send what the previous event queued: a burst
-                # of a whole read batch must not count against a client that does read.
-                await asyncio.sleep(0)
-            for sub in matching:
-                if sub.closed or event.graphql is None or event.id <= sub.floor:
-                    continue
-                if sub.buffer is not None:
-                    sub.buffer.append(event)
-                    if len(sub.buffer) > self.queue_size:
-                        sub.buffer = None
-                        sub.overflow()
-                    continue
-                sub.deliver(event)
-                deliveries += 1
+        try:
+            for n, (event, matching) in enumerate(plan):
+                if n:
+                    # Let the connection writers send what the previous event queued: a burst
+                    # of a whole read batch must not count against a client that does read.
+                    await asyncio.sleep(0)
+                for sub in matching:
+                    if sub.closed or event.graphql is None or event.id <= sub.floor:
+                        continue
+                    if sub.buffer is not None:
+                        sub.buffer.append(event)
+                        if len(sub.buffer) > self.queue_size:
+                            sub.buffer = None
+                            sub.overflow()
+                        continue
+                    sub.deliver(event)
+                    deliveries += 1
+        finally:
+            for connection in held:
+                connection.release()
         self.metrics.deliveries.inc(deliveries)
+        self.metrics.batches.labels("several" if held else "one").inc()
 
     async def _prepare_retrying(self, events: list[StockEvent]) -> None:
         # Only a warehouse missing from the cache needs the database; if it is down, wait

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -97,6 +98,7 @@ class LiveTransportWSHandler(BaseGraphQLTransportWSHandler[Any, Any]):
                 raise RuntimeError("live subscriptions need the ASGI WebSocket adapter")
             self._live = LiveConnection(
                 send=_frame_sender(ws),
+                cork=_corker(ws),
                 close=self.websocket.close,
                 queue_size=hub.queue_size,
                 on_fail=hub.drop_connection,
@@ -175,3 +177,28 @@ def _frame_sender(ws: Any) -> Callable[[str], Awaitable[None]]:
         await raw({"type": "websocket.send", "text": text})
 
     return send_text
+
+
+def _corker(ws: Any) -> Callable[[bool], None] | None:
+    """Sets and clears TCP_CORK on the connection's socket (Linux), found through the ASGI
+    server's protocol object behind its ``send``; None where there is no such socket (another
+    server, a Unix socket, another OS): the hub then simply sends frame by frame."""
+    if not hasattr(socket, "TCP_CORK"):
+        return None
+    raw = ws.scope.get(RAW_WEBSOCKET_SEND)
+    transport = getattr(getattr(raw, "__self__", None), "transport", None)
+    if transport is None:
+        return None
+    try:
+        sock = transport.get_extra_info("socket")
+    except Exception:
+        return None
+    if sock is None or getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    option = socket.TCP_CORK
+
+    def cork(on: bool) -> None:
+        with contextlib.suppress(OSError, ValueError):  # a socket closed meanwhile
+            sock.setsockopt(socket.IPPROTO_TCP, option, 1 if on else 0)
+
+    return cork
