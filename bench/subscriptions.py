@@ -664,12 +664,14 @@ def notes(rows: list[dict[str, Any]]) -> list[str]:
         "every `QM_GC_SWEEP_S` (600 s) reclaims cycles among them. Measured on `wide` before "
         "and after: p99 383 ms → 46 ms; `all` at 50 changes/s: p99 5.6 s (a saturated "
         "machine) → about 150 ms.",
-        "- At 50,000 deliveries/s (`all`) the subscriber server spends ~77 % of its samples "
-        "(py-spy) in the WebSocket transport's `write`, one `send()` system call per frame and "
-        "subscriber; on loopback that call also carries the receiving side's TCP work. Each "
-        "event's fan-out to 1,000 sockets takes ~16 ms of one core, so events queue behind "
-        "each other and p99 stays above 100 ms there, while 30,000–40,000 deliveries/s "
-        "(`wide`, `all@40`) stay below it.",
+        "- At 50,000 deliveries/s (`all`) the subscriber server spends about two thirds of its "
+        "samples (py-spy) in the WebSocket transport's `write`, one `send()` system call per "
+        "frame and subscriber; on loopback that call also carries the receiving side's TCP "
+        "work. A read batch of several events is sent with every subscriber's socket corked "
+        '(`TCP_CORK`, `qm_live_dispatches_total{events="several"}`), so the frames of the '
+        "batch leave in one transmission per socket: when events queue up behind a fan-out, "
+        "the next fan-out gets cheaper per event instead of the queue growing. Before that "
+        "(and before the hub called uvicorn's `send` directly) `all` had p99 of 108–143 ms.",
         "- Everything shares 2 cores: the two servers, the relay, PostgreSQL, Redis, the "
         "driver and the Python clients (about 10 µs of client CPU per message). The knee is "
         "the machine's, not the hub's alone: the subscriber server itself stayed below one "
