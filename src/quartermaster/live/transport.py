@@ -182,7 +182,8 @@ def _frame_sender(ws: Any) -> Callable[[str], Awaitable[None]]:
 def _corker(ws: Any) -> Callable[[bool], None] | None:
     """Sets and clears TCP_CORK on the connection's socket (Linux), found through the ASGI
     server's protocol object behind its ``send``; None where there is no such socket (another
-    server, a Unix socket, another OS): the hub then simply sends frame by frame."""
+    server, a Unix socket, another OS): the hub then simply sends frame by frame. The hub
+    uncorks in a ``finally``; Linux would flush a socket left corked after 200 ms anyway."""
     if not hasattr(socket, "TCP_CORK"):
         return None
     raw = ws.scope.get(RAW_WEBSOCKET_SEND)
