@@ -43,7 +43,9 @@ current_stats: contextvars.ContextVar[StatementStats | None] = contextvars.Conte
 StatementHook = Callable[[Role], None]
 
 
-def _make_engine(url: str, settings: DatabaseSettings, role: Role) -> AsyncEngine:
+def _make_engine(
+    url: str, settings: DatabaseSettings, role: Role, server_settings: dict[str, str]
+) -> AsyncEngine:
     return create_async_engine(
         url,
         pool_size=settings.pool_size,
@@ -57,6 +59,7 @@ def _make_engine(url: str, settings: DatabaseSettings, role: Role) -> AsyncEngin
             "server_settings": {
                 "application_name": f"quartermaster-{role}",
                 "statement_timeout": str(settings.statement_timeout_ms),
+                **server_settings,
             }
         },
     )
@@ -81,12 +84,17 @@ class Database:
         }
 
     @classmethod
-    def connect(cls, settings: DatabaseSettings) -> Database:
+    def connect(
+        cls, settings: DatabaseSettings, server_settings: dict[str, str] | None = None
+    ) -> Database:
+        """Engines for ``settings``; ``server_settings`` are extra PostgreSQL settings for
+        every connection (the worker's plan cache mode, say)."""
         if not settings.url:
             raise RuntimeError("QM_DATABASE_URL is not set")
-        primary = _make_engine(settings.url, settings, "primary")
+        extra = server_settings or {}
+        primary = _make_engine(settings.url, settings, "primary", extra)
         if settings.replica_url:
-            replica = _make_engine(settings.replica_url, settings, "replica")
+            replica = _make_engine(settings.replica_url, settings, "replica", extra)
         else:
             replica = primary
         db = cls(primary=primary, replica=replica, has_replica=bool(settings.replica_url))

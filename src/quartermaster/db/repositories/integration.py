@@ -238,9 +238,11 @@ async def orders_for_invoice(
     found: dict[int, tuple[Any, list[Any]]] = {int(o.id): (o, []) for o in orders}
     if found:
         lines = await conn.execute(
+            # The SKU by a lookup per line, not a join: the worker runs generic plans
+            # (``workers/runner.py``), and a join's generic plan hashes all products.
             text(
-                "SELECT l.order_id, p.sku, l.quantity, l.unit_price, l.line_total "
-                "FROM order_lines l JOIN products p ON p.id = l.product_id "
+                "SELECT l.order_id, (SELECT p.sku FROM products p WHERE p.id = l.product_id) "
+                "AS sku, l.quantity, l.unit_price, l.line_total FROM order_lines l "
                 "WHERE l.order_id = ANY(:ids) ORDER BY l.order_id, l.id"
             ),
             {"ids": list(found)},
