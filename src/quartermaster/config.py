@@ -72,6 +72,9 @@ class DatabaseSettings:
     replica_probe_s: float = 1.0
     #: Reads go to the primary while the replica lags more than this (seconds).
     replica_max_lag_s: float = 5.0
+    #: PostgreSQL ``plan_cache_mode`` of the connections; None keeps the server's (``auto``
+    #: unless configured there). Workers use ``force_generic_plan`` unless this is set.
+    plan_cache_mode: str | None = None
 
     @classmethod
     def from_env(cls) -> DatabaseSettings:
@@ -88,7 +91,20 @@ class DatabaseSettings:
             pool_recycle_s=_int("QM_DB_POOL_RECYCLE", 1800),
             replica_probe_s=_float("QM_REPLICA_PROBE_S", 1.0),
             replica_max_lag_s=_float("QM_REPLICA_MAX_LAG_S", 5.0),
+            plan_cache_mode=_plan_cache_mode(),
         )
+
+
+PLAN_CACHE_MODES = ("auto", "force_generic_plan", "force_custom_plan")
+
+
+def _plan_cache_mode() -> str | None:
+    value = _env("QM_DB_PLAN_CACHE_MODE")
+    if value is None:
+        return None
+    if value not in PLAN_CACHE_MODES:
+        raise ValueError(f"QM_DB_PLAN_CACHE_MODE must be one of {', '.join(PLAN_CACHE_MODES)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -463,6 +479,7 @@ ENV_VARS = (
     "QM_DB_STATEMENT_TIMEOUT_MS",
     "QM_DB_PRE_PING",
     "QM_DB_POOL_RECYCLE",
+    "QM_DB_PLAN_CACHE_MODE",
     "QM_REPLICA_PROBE_S",
     "QM_REPLICA_MAX_LAG_S",
     "QM_REDIS_URL",

@@ -46,6 +46,7 @@ StatementHook = Callable[[Role], None]
 def _make_engine(
     url: str, settings: DatabaseSettings, role: Role, server_settings: dict[str, str]
 ) -> AsyncEngine:
+    mode = {"plan_cache_mode": settings.plan_cache_mode} if settings.plan_cache_mode else {}
     return create_async_engine(
         url,
         pool_size=settings.pool_size,
@@ -59,6 +60,7 @@ def _make_engine(
             "server_settings": {
                 "application_name": f"quartermaster-{role}",
                 "statement_timeout": str(settings.statement_timeout_ms),
+                **mode,
                 **server_settings,
             }
         },

@@ -41,7 +41,9 @@ async def run_worker(
     """Run until ``stop`` is set; in-flight jobs get the shutdown grace period."""
     if not settings.redis.url:
         raise RuntimeError("QM_REDIS_URL is not set")
-    db = Database.connect(settings.database, server_settings=WORKER_SERVER_SETTINGS)
+    # QM_DB_PLAN_CACHE_MODE, when set, is the operator's choice for every process.
+    extra = {} if settings.database.plan_cache_mode else WORKER_SERVER_SETTINGS
+    db = Database.connect(settings.database, server_settings=extra)
     redis = Redis.from_url(settings.redis.url, health_check_interval=30)
     metrics = WorkerMetrics()
     clients = build_clients(settings.partners, on_call=metrics.on_partner_call)
