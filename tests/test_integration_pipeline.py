@@ -82,16 +82,21 @@ class Template:
     catalog: Catalog
 
 
-@pytest.fixture(scope="module")
-def template(scratch_database: Any) -> Template:
-    """A migrated database with warehouses, customers and stocked products; each test runs on
-    a clone of it (``CREATE DATABASE … TEMPLATE``, a few milliseconds)."""
-    url = scratch_database("pipeline")
+def make_template(scratch_database: Any, purpose: str) -> Template:
+    """A migrated database with warehouses, customers and stocked products, named for
+    ``purpose`` (each test module has its own); each test runs on a clone of it
+    (``CREATE DATABASE … TEMPLATE``, a few milliseconds)."""
+    url = scratch_database(purpose)
     upgrade(url)
     catalog = asyncio.run(fill_template(url))
     name = make_url(url).database
     assert name
     return Template(url, name, with_database(url, "postgres"), catalog)
+
+
+@pytest.fixture(scope="module")
+def template(scratch_database: Any) -> Template:
+    return make_template(scratch_database, "pipeline")
 
 
 _clones = itertools.count(1)

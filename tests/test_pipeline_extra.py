@@ -15,14 +15,12 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
-from sqlalchemy.engine import make_url
 
-from quartermaster.db.migrate import upgrade
 from quartermaster.schema.node import encode_id
 from quartermaster.streams import DEAD_LETTER_STREAM, JOB_STREAMS, WORKER_GROUP
 from tests import test_integration_pipeline as base
-from tests.conftest import gql, with_database
-from tests.pipeline_support import STOCK_PER_LEVEL, Pipeline, RedisServer, fill_template
+from tests.conftest import gql
+from tests.pipeline_support import STOCK_PER_LEVEL, Pipeline, RedisServer
 
 # The fixtures of the main pipeline module (a database clone, Redis, sandbox and API per test).
 pipeline = base.pipeline
@@ -46,12 +44,7 @@ mutation Fulfill($input: OrderIdInput!) {
 @pytest.fixture(scope="module")
 def template(scratch_database: Any) -> base.Template:
     """As in the main module, under a database name of this module's own."""
-    url = scratch_database("pipeline_extra")
-    upgrade(url)
-    catalog = asyncio.run(fill_template(url))
-    name = make_url(url).database
-    assert name
-    return base.Template(url, name, with_database(url, "postgres"), catalog)
+    return base.make_template(scratch_database, "pipeline_extra")
 
 
 async def available(p: Pipeline, product: int) -> int:

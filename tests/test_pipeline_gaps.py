@@ -25,17 +25,14 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy.engine import make_url
 
 from quartermaster.config import DatabaseSettings, JobSettings
 from quartermaster.db.engine import Database
-from quartermaster.db.migrate import upgrade
 from quartermaster.enums import IntegrationKind
 from quartermaster.streams import DEAD_LETTER_STREAM, JOB_STREAMS, WORKER_GROUP
 from quartermaster.workers.relay import Relay
 from tests import test_integration_pipeline as base
-from tests.conftest import with_database
-from tests.pipeline_support import Pipeline, PlacedOrder, fill_template
+from tests.pipeline_support import Pipeline, PlacedOrder
 
 # The fixtures of the main pipeline module (a database clone, Redis, sandbox and API per test).
 pipeline = base.pipeline
@@ -46,12 +43,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 @pytest.fixture(scope="module")
 def template(scratch_database: Any) -> base.Template:
     """As in the main module, under a database name of this module's own."""
-    url = scratch_database("pipeline_gaps")
-    upgrade(url)
-    catalog = asyncio.run(fill_template(url))
-    name = make_url(url).database
-    assert name
-    return base.Template(url, name, with_database(url, "postgres"), catalog)
+    return base.make_template(scratch_database, "pipeline_gaps")
 
 
 async def _equal(value: Awaitable[object], expected: object) -> bool:
