@@ -289,8 +289,6 @@ class WorkerMetrics:
             ["partner"],
             registry=self.registry,
         )
-        #: (partner, outcome) → [calls, seconds], for the report other processes read.
-        self.partner_calls: dict[tuple[str, str], list[Any]] = {}
         self.relay_published = Counter(
             "qm_relay_published_total",
             "Outbox rows published by this process's relay",
@@ -299,16 +297,23 @@ class WorkerMetrics:
 
     def on_partner_call(self, partner: str, seconds: float, outcome: str) -> None:
         self.partner_latency.labels(partner, outcome).observe(seconds)
-        totals = self.partner_calls.setdefault((partner, outcome), [0, 0.0])
-        totals[0] += 1
-        totals[1] += seconds
 
     def report(self, breakers: dict[str, int]) -> dict[str, Any]:
-        """What this worker publishes for the pipeline-wide /metrics (``monitor.py``)."""
+        """What this worker publishes for the pipeline-wide /metrics (``monitor.py``): the
+        breaker states and, from the latency histogram, calls and seconds per partner."""
+        totals: dict[tuple[str, str], dict[str, float]] = {}
+        for metric in self.partner_latency.collect():
+            for sample in metric.samples:
+                field = {"qm_partner_request_seconds_count": "count",
+                         "qm_partner_request_seconds_sum": "seconds"}.get(sample.name)  # fmt: skip
+                if field is not None:
+                    key = (sample.labels["partner"], sample.labels["outcome"])
+                    totals.setdefault(key, {})[field] = sample.value
         return {
             "breakers": breakers,
             "calls": [
-                {"partner": partner, "outcome": outcome, "count": n, "seconds": round(t, 6)}
-                for (partner, outcome), (n, t) in sorted(self.partner_calls.items())
+                {"partner": partner, "outcome": outcome, "count": int(t.get("count", 0)),
+                 "seconds": round(t.get("seconds", 0.0), 6)}
+                for (partner, outcome), t in sorted(totals.items())
             ],
-        }
+        }  # fmt: skip
