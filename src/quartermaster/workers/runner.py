@@ -89,10 +89,10 @@ async def _refresh_metrics(
 ) -> None:
     while not stop.is_set():
         if worker is not None:
-            for partner, breaker in worker.breakers.items():
-                metrics.breaker.labels(partner).set(int(breaker.state))
-            # What the API's (and the other workers') /metrics show of this worker's partners.
             states = {p: int(b.state) for p, b in worker.breakers.items()}
+            for partner, state in states.items():
+                metrics.breaker.labels(partner).set(state)
+            # What the API's (and the other workers') /metrics show of this worker's partners.
             try:
                 await publish_report(redis, worker.name, metrics.report(states))
             except Exception as exc:  # the report is for metrics only
