@@ -790,6 +790,10 @@ async def bench(args: argparse.Namespace, url: str, procs: dict[str, Proc]) -> i
     conn = await asyncpg.connect(url)
     try:  # leftovers of an interrupted run must not flood the relay
         await conn.execute("UPDATE outbox SET published_at = now() WHERE published_at IS NULL")
+        # Fresh statistics: this machine's PostgreSQL runs with autovacuum off, and the workers'
+        # generic plans (`plan_cache_mode`) are made from the statistics they find at start-up;
+        # planned against a just-seeded, empty outbox they scan it whole on every claim.
+        await conn.execute("ANALYZE")
         postmaster = psutil.Process(await conn.fetchval("SELECT pg_backend_pid()")).ppid()
     finally:
         await conn.close()
