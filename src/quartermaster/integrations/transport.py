@@ -89,11 +89,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             body = request.content
         except httpx.RequestNotRead:
             body = await request.aread()
+        # ``raw`` keeps the names as the caller spelled them (``multi_items`` lowercases them).
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
         try:
             async with session.request(
                 request.method,
                 str(request.url),
-                headers=request.headers.multi_items(),
+                headers=headers,
                 data=body or None,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(
@@ -110,7 +112,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                         raise httpx.RemoteProtocolError(
                             f"response body over {MAX_RESPONSE_BYTES} bytes", request=request
                         )
-                status, headers, reason = answer.status, answer.raw_headers, answer.reason
+                status, raw_headers, reason = answer.status, answer.raw_headers, answer.reason
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _mapped(exc, request) from exc
         extensions: dict[str, object] = {"http_version": b"HTTP/1.1"}
@@ -118,7 +120,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             extensions["reason_phrase"] = reason.encode("ascii", "replace")
         return httpx.Response(
             status_code=status,
-            headers=list(headers),
+            headers=list(raw_headers),
             content=bytes(content),
             request=request,
             extensions=extensions,
