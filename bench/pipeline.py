@@ -59,8 +59,9 @@ TARGET_RATE, TARGET_P99_MS = 200.0, 250.0
 #: Settings the bench sets itself for every process (not "extra settings").
 OWN_ENV = ("QM_REDIS_URL", "QM_INVOICING_URL", "QM_SHOP_URL", "QM_NOTIFY_URL")
 Row = dict[str, Any]
-#: A SHOP_SYNC call's key is the job's key plus, since the availability figure went into the key,
-#: `:available=N` (and `:<sku>` for a job that pushes several products).
+#: A SHOP_SYNC call's key is the job's key plus `:<digest of the figures>` (the availability
+#: figures are read when the job runs, so they belong to the key); one push carries all of the
+#: order's products.
 SHOP_KEY = re.compile(r"shop-sync:order:\d+:[A-Z_]+")
 
 
@@ -506,7 +507,7 @@ def write_results(out_dir: Path, meta: Row, rows: list[Row], notes: list[str]) -
         f"- Command: `{meta['command']}`", "",
         "Delay = the sandbox's `at` (when it began handling the call) − the time the placeOrder "
         "response reached the client, per expected call (INVOICE, NOTIFICATION, and the order's "
-        "one SHOP_SYNC job, which pushes each of its products), for the orders sent in the "
+        "one SHOP_SYNC job, which pushes all of its products in one call), for the orders sent in the "
         "measured window; ms.", "",
         *md_table(rows),
     ]  # fmt: skip
@@ -711,7 +712,7 @@ def auto_notes(rows: list[Row], meta: Row) -> list[str]:
         "overestimate.",
         "- Jobs/s (load window): successful partner calls whose `at` falls in the measured "
         "window, per second. When the pipeline keeps up it equals orders/s × calls per order "
-        "(invoice + notification + one shop push per line); when it does not, it is the "
+        "(invoice + notification + one shop push); when it does not, it is the "
         "pipeline's capacity and the backlog grows.",
         "- The API, workers, sandbox, PostgreSQL, Redis and this load generator share the "
         "machine's cores; other work on the machine (load average above, machine busy in the "

@@ -139,7 +139,7 @@ async def test_slow_answer_is_a_read_timeout_and_a_retryable_partner_error(serve
             await http.get("/")
     async with ShopClient(url, signing_secret=DEV_SIGNING_SECRET, timeout=0.2) as shop:
         with pytest.raises(RetryableError, match=r"^shop: timed out \(ReadTimeout\)$"):
-            await shop.push_availability(AvailabilityUpdate(1, "X", 1), "k")
+            await shop.push_availability([AvailabilityUpdate(1, "X", 1)], "k")
 
 
 async def test_refused_connection_is_a_connect_error() -> None:

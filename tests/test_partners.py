@@ -15,6 +15,7 @@ from email.utils import formatdate
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import pytest_asyncio
 from click.testing import CliRunner
@@ -40,6 +41,7 @@ from quartermaster.integrations import (
 )
 from quartermaster.integrations.errors import parse_retry_after
 from quartermaster.integrations.sandbox import point_at_sandbox, sandbox_server
+from quartermaster.integrations.shop.client import MAX_ITEMS_PER_PUSH, figures_digest
 from tests.servers import free_port
 
 SHOP_SECRET = "shop-test-secret"
@@ -139,16 +141,58 @@ async def test_invoice_round_trip_and_idempotent_repeat(
 
 
 async def test_signed_shop_push_round_trips(sandbox: str, control: httpx.AsyncClient) -> None:
-    update = AvailabilityUpdate(product_id=11, sku="KIT 10/B", available=42)
+    updates = [
+        AvailabilityUpdate(product_id=11, sku="KIT 10/B", available=42),
+        AvailabilityUpdate(product_id=12, sku="S-2", available=0),
+    ]
     async with ShopClient(sandbox, signing_secret=SHOP_SECRET, api_key="k") as client:
-        ack = await client.push_availability(update, "shop:11:v1")
-        await client.push_availability(update, "shop:11:v1")
+        acks = await client.push_availability(updates, "shop:11:v1")
+        await client.push_availability(updates, "shop:11:v1")
 
-    assert (ack.sku, ack.available) == ("KIT 10/B", 42)
+    assert [(a.sku, a.available) for a in acks] == [("KIT 10/B", 42), ("S-2", 0)]
     seen = await effects(control)
-    assert seen["availability"] == {"KIT 10/B": 42}
-    assert seen["counts"]["availability_pushes"] == 1
-    assert (await calls(control))[0]["method"] == "PUT"
+    assert seen["availability"] == {"KIT 10/B": 42, "S-2": 0}
+    assert seen["counts"]["availability_pushes"] == 2, "the repeat was a replay"
+    recorded = await calls(control)
+    assert [(c["method"], c["path"], c["replayed"]) for c in recorded] == [
+        ("PUT", "/v1/availability", False),
+        ("PUT", "/v1/availability", True),
+    ]
+
+
+async def test_shop_push_limits_are_checked_on_both_sides(
+    sandbox: str, control: httpx.AsyncClient
+) -> None:
+    too_many = [AvailabilityUpdate(i, f"S-{i}", 1) for i in range(1, MAX_ITEMS_PER_PUSH + 2)]
+    twice = [AvailabilityUpdate(1, "S-1", 1), AvailabilityUpdate(2, "S-1", 2)]
+    async with ShopClient(sandbox, signing_secret=SHOP_SECRET) as client:
+        for updates in ([], too_many, twice):
+            with pytest.raises(ValueError):
+                await client.push_availability(updates, "shop:x")
+    assert await calls(control) == [], "refused before anything was sent"
+
+    # The sandbox refuses the same bodies (a client that does not check), and applies nothing.
+    for items, message in (
+        ([], "items must be a list of 1 to 100"),
+        ([u.to_json() for u in too_many], "items must be a list of 1 to 100"),
+        ([u.to_json() for u in twice], "appears twice"),
+        ([{"product_id": 1, "sku": "S-1", "available": -1}], "available must be an integer"),
+        ([{"product_id": 1, "sku": "S-1", "available": 1}, "x"], "items[1] must be an object"),
+    ):
+        body = orjson.dumps({"items": items})
+        headers = {"Idempotency-Key": f"k-{len(items)}-{message}"}
+        headers[SIGNATURE_HEADER] = sign(SHOP_SECRET, body, int(time.time()))
+        response = await control.put("/v1/availability", content=body, headers=headers)
+        assert response.status_code == 422, items
+        assert message in response.json()["message"]
+    assert (await effects(control))["availability"] == {}
+
+
+def test_figures_digest_names_the_figures_not_their_order() -> None:
+    a, b = AvailabilityUpdate(1, "A", 3), AvailabilityUpdate(2, "B", 4)
+    assert figures_digest([a, b]) == figures_digest([b, a])
+    assert figures_digest([a, b]) != figures_digest([a, AvailabilityUpdate(2, "B", 5)])
+    assert len(figures_digest([a])) == 16
 
 
 async def test_notification_round_trips(sandbox: str, control: httpx.AsyncClient) -> None:
@@ -209,7 +253,7 @@ async def test_status_classification(
     await configure(control, partner="*", fail_next=1, error_status=status)
     async with ShopClient(sandbox, signing_secret=SHOP_SECRET) as client:
         with pytest.raises(error_type) as caught:
-            await client.push_availability(AvailabilityUpdate(1, "S-1", 5), "shop:1")
+            await client.push_availability([AvailabilityUpdate(1, "S-1", 5)], "shop:1")
     assert getattr(caught.value, "status", None) == status
 
 
@@ -229,12 +273,12 @@ async def test_wrong_or_missing_signature_is_401(sandbox: str, control: httpx.As
     for secret in ("not-the-secret", DEV):
         async with ShopClient(sandbox, signing_secret=secret) as client:
             with pytest.raises(PermanentError) as caught:
-                await client.push_availability(update, "shop:1")
+                await client.push_availability([update], "shop:1")
         assert caught.value.status == 401
         assert str(caught.value).startswith("shop: 401 Unauthorized")
     # Unsigned (a client cannot send that; plain HTTP can), for every partner.
-    body = b'{"product_id": 1, "sku": "S-1", "available": 5}'
-    for method, path in (("PUT", "/v1/availability/S-1"), ("POST", "/v1/invoices"),
+    body = b'{"items": [{"product_id": 1, "sku": "S-1", "available": 5}]}'
+    for method, path in (("PUT", "/v1/availability"), ("POST", "/v1/invoices"),
                          ("POST", "/v1/messages")):  # fmt: skip
         response = await control.request(
             method, path, content=body, headers={"Idempotency-Key": "k-unsigned"}
@@ -333,7 +377,7 @@ async def test_sandbox_rejects_bad_requests(sandbox: str, control: httpx.AsyncCl
     assert reused.status_code == 409
 
     signed = {**headers, SIGNATURE_HEADER: sign("wrong", body, int(time.time()))}
-    unsigned = await control.put("/v1/availability/S-1", content=body, headers=signed)
+    unsigned = await control.put("/v1/availability", content=body, headers=signed)
     assert unsigned.status_code == 401
 
     bad_config = await control.post("/_sandbox/config", json={"error_rate": 2})
@@ -416,7 +460,7 @@ async def test_default_configuration_signs(
         invoice = await clients.invoicing.create_invoice(invoice_request(), "invoice:order-7")
         receipt = await clients.notifications.send(Notification("t", "r", {}), "notify:d")
         with pytest.raises(PermanentError) as caught:  # the sandbox's shop wants SHOP_SECRET
-            await clients.shop.push_availability(AvailabilityUpdate(1, "S-1", 5), "shop:d")
+            await clients.shop.push_availability([AvailabilityUpdate(1, "S-1", 5)], "shop:d")
 
     assert invoice.invoice_number == "INV-000001"
     assert receipt.message_id == "MSG-000001"

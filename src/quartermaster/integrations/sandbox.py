@@ -35,6 +35,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from quartermaster.config import PartnerSettings, PartnersSettings
+from quartermaster.integrations.shop.client import MAX_ITEMS_PER_PUSH
 from quartermaster.integrations.signing import SIGNATURE_HEADER, verify
 
 log = structlog.get_logger(__name__)
@@ -220,14 +221,23 @@ def _invoice(state: SandboxState, key: str, body: dict[str, Any]) -> Reply:
     return 201, {k: invoice[k] for k in keys}
 
 
-def _availability(state: SandboxState, sku: str, body: dict[str, Any]) -> Reply:
-    if body.get("sku") != sku:
-        raise _Invalid("sku in the body must match the sku in the path")
-    _integer(body, "product_id", low=1)
-    available = _integer(body, "available")
-    state.availability[sku] = available
-    state.availability_pushes += 1
-    return 200, {"sku": sku, "available": available}
+def _availability(state: SandboxState, body: dict[str, Any]) -> Reply:
+    items = body.get("items")
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_ITEMS_PER_PUSH:
+        raise _Invalid(f"items must be a list of 1 to {MAX_ITEMS_PER_PUSH} objects")
+    figures: dict[str, int] = {}
+    for index, item in enumerate(items):  # all checked before any is applied
+        if not isinstance(item, dict):
+            raise _Invalid(f"items[{index}] must be an object")
+        sku = _text(item, "sku")
+        assert sku is not None
+        if sku in figures:
+            raise _Invalid(f"items[{index}]: sku {sku!r} appears twice")
+        _integer(item, "product_id", low=1)
+        figures[sku] = _integer(item, "available")
+    state.availability.update(figures)
+    state.availability_pushes += len(figures)
+    return 200, {"items": [{"sku": sku, "available": n} for sku, n in figures.items()]}
 
 
 def _message(state: SandboxState, key: str, body: dict[str, Any]) -> Reply:
@@ -337,8 +347,7 @@ async def _invoices(request: Request) -> Response:
 
 async def _push_availability(request: Request) -> Response:
     state: SandboxState = request.app.state.sandbox
-    sku = request.path_params["sku"]
-    return await _partner_call(request, "shop", lambda body: _availability(state, sku, body))
+    return await _partner_call(request, "shop", lambda body: _availability(state, body))
 
 
 async def _messages(request: Request) -> Response:
@@ -399,7 +408,7 @@ def create_sandbox_app(secrets: dict[str, str | None] | None = None, *, seed: in
     app = Starlette(
         routes=[
             Route("/v1/invoices", _invoices, methods=["POST"]),
-            Route("/v1/availability/{sku:path}", _push_availability, methods=["PUT"]),
+            Route("/v1/availability", _push_availability, methods=["PUT"]),
             Route("/v1/messages", _messages, methods=["POST"]),
             Route("/_sandbox/config", _config, methods=["GET", "POST"]),
             Route("/_sandbox/reset", _reset, methods=["POST"]),

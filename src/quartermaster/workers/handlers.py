@@ -15,7 +15,11 @@ from quartermaster.integrations.clients import Clients
 from quartermaster.integrations.errors import PermanentError
 from quartermaster.integrations.invoicing.client import InvoiceLine, InvoiceRequest
 from quartermaster.integrations.notifications.client import Notification
-from quartermaster.integrations.shop.client import AvailabilityUpdate
+from quartermaster.integrations.shop.client import (
+    MAX_ITEMS_PER_PUSH,
+    AvailabilityUpdate,
+    figures_digest,
+)
 from quartermaster.workers.store import JobStore
 
 Handler = Callable[[JobStore, Clients, Any], Awaitable[str | None]]
@@ -64,17 +68,17 @@ async def shop_sync(store: JobStore, clients: Clients, job: Any) -> str | None:
     if clients.shop is None:
         raise NotConfiguredError("shop: QM_SHOP_URL is not set")
     products = await store.products_to_sync(job)
-    several = len(products) > 1
-    for product in products:
-        base = f"{job.idempotency_key}:{product.sku}" if several else job.idempotency_key
-        # The figure is read now, so it belongs to the key: a repeat of the same figure is a
-        # replay, a newer one after a lost answer (timeout, crashed worker) is a new absolute
+    updates = [
+        AvailabilityUpdate(product_id=p.id, sku=p.sku, available=p.available) for p in products
+    ]
+    # One push per job (an order's products together), split only beyond the shop's limit.
+    for start in range(0, len(updates), MAX_ITEMS_PER_PUSH):
+        chunk = updates[start : start + MAX_ITEMS_PER_PUSH]
+        # The figures are read now, so they belong to the key: a repeat of the same figures is
+        # a replay, newer ones after a lost answer (timeout, crashed worker) are a new absolute
         # push, never the same key with another body (409 from an idempotent partner → DEAD).
-        key = f"{base}:available={product.available}"
-        await clients.shop.push_availability(
-            AvailabilityUpdate(product_id=product.id, sku=product.sku, available=product.available),
-            key,
-        )
+        key = f"{job.idempotency_key}:{figures_digest(chunk)}"
+        await clients.shop.push_availability(chunk, key)
     return None
 
 
