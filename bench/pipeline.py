@@ -507,8 +507,8 @@ def write_results(out_dir: Path, meta: Row, rows: list[Row], notes: list[str]) -
         f"- Command: `{meta['command']}`", "",
         "Delay = the sandbox's `at` (when it began handling the call) − the time the placeOrder "
         "response reached the client, per expected call (INVOICE, NOTIFICATION, and the order's "
-        "one SHOP_SYNC job, which pushes all of its products in one call), for the orders sent in the "
-        "measured window; ms.", "",
+        "one SHOP_SYNC job, which pushes all of its products in one call), for the orders sent "
+        "in the measured window; ms.", "",
         *md_table(rows),
     ]  # fmt: skip
     best = best_kept_up(rows)
