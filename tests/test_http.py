@@ -132,6 +132,48 @@ async def test_ready_names_an_unreachable_primary(redis_url: str) -> None:
     assert body["checks"]["redis"] == "ok"
 
 
+PRODUCTS = "{ products(first: 1) { edges { node { sku } } } }"
+
+
+async def test_unreachable_database_is_service_unavailable_not_a_crash(redis_url: str) -> None:
+    closed = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/quartermaster"
+    app = create_app(make_settings(closed, redis_url), configure_logs=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=ADMIN
+        ) as http:
+            response = await http.post(
+                "/graphql",
+                json={"query": PRODUCTS},
+                headers={"X-Request-ID": "db-down"},
+            )
+    assert response.status_code == 200
+    [error] = response.json()["errors"]
+    assert error["extensions"] == {"code": "SERVICE_UNAVAILABLE", "requestId": "db-down"}
+    assert error["message"] == "The database is busy or unreachable; try again shortly."
+    assert "Traceback" not in response.text
+
+
+async def test_exhausted_pool_is_service_unavailable(database_url: str, redis_url: str) -> None:
+    settings = make_settings(database_url, redis_url)
+    database = dataclasses.replace(settings.database, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    app = create_app(dataclasses.replace(settings, database=database), configure_logs=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=ADMIN
+        ) as http:
+            # Hold the only connection while a query needs one.
+            async with app.state.db.primary.connect() as held:
+                await held.exec_driver_sql("SELECT 1")
+                busy = await http.post("/graphql", json={"query": PRODUCTS})
+            free = await http.post("/graphql", json={"query": PRODUCTS})
+    [error] = busy.json()["errors"]
+    assert error["extensions"]["code"] == "SERVICE_UNAVAILABLE", error
+    assert "errors" not in free.json(), "the same request works once a connection is free"
+
+
 async def test_metrics_count_operations_statements_and_pool(client: httpx.AsyncClient) -> None:
     await client.post("/graphql", json={"query": "query MetricsProbe " + PING})
     text = (await client.get("/metrics")).text

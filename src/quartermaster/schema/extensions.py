@@ -8,10 +8,16 @@ from typing import Any
 
 import structlog
 from graphql import GraphQLError, GraphQLSyntaxError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from strawberry.extensions import SchemaExtension
 from strawberry.types.graphql import OperationType
 
-from quartermaster.db.replica import TOKEN_HEADER, current_wal_lsn, encode_token
+from quartermaster.db.replica import (
+    TOKEN_HEADER,
+    current_wal_lsn,
+    encode_token,
+    replica_failure,
+)
 from quartermaster.errors import ApiError
 
 log = structlog.get_logger("quartermaster.graphql")
@@ -36,6 +42,21 @@ def normalize_error(error: GraphQLError, request_id: str | None) -> GraphQLError
         )
     elif original is None or isinstance(original, GraphQLError):
         extensions["code"] = "BAD_USER_INPUT"
+    elif _is_database_unavailable(original):
+        # Overload (no pooled connection came free in time) or an unreachable database: the
+        # request did not take effect unless it committed before the failure, which a retry
+        # with the same idempotency key (placeOrder) settles. Not a bug: no traceback.
+        log.warning(
+            "graphql.database_unavailable",
+            path=".".join(str(p) for p in error.path),
+            error=repr(original),
+        )
+        return GraphQLError(
+            "The database is busy or unreachable; try again shortly.",
+            nodes=error.nodes,
+            path=error.path,
+            extensions={"code": "SERVICE_UNAVAILABLE", "requestId": request_id},
+        )
     elif _is_data_exception(original):
         return GraphQLError(
             "An argument holds a value the database cannot take (e.g. a NUL character).",
@@ -57,6 +78,13 @@ def normalize_error(error: GraphQLError, request_id: str | None) -> GraphQLError
         )
     error.extensions = extensions
     return error
+
+
+def _is_database_unavailable(exc: BaseException) -> bool:
+    """No connection from the pool in time, or none to the server at all."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    return replica_failure(exc) == "connection"
 
 
 def _is_data_exception(exc: BaseException) -> bool:
