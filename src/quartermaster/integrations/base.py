@@ -77,6 +77,7 @@ class PartnerClient:
         self.base_url = base_url
         self._signing_secret = signing_secret
         self._on_call = on_call
+        self._urls: dict[str, httpx.URL] = {}
         limits = httpx.Limits(
             max_connections=max_connections,
             max_keepalive_connections=max_connections,
@@ -92,6 +93,16 @@ class PartnerClient:
             # body somewhere unexpected.
             follow_redirects=False,
         )
+
+    def _url(self, path: str) -> httpx.URL:
+        """``path`` joined to the base URL, parsed once per path: httpx would parse and join
+        it again on every request (a tenth of a call's client CPU)."""
+        url = self._urls.get(path)
+        if url is None:
+            if len(self._urls) >= 256:  # paths with ids in them must not grow it forever
+                self._urls.clear()
+            url = self._urls[path] = self._http.build_request("GET", path).url
+        return url
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -129,7 +140,9 @@ class PartnerClient:
         status: int | None = None
         try:
             try:
-                response = await self._http.request(method, path, content=body, headers=headers)
+                response = await self._http.request(
+                    method, self._url(path), content=body, headers=headers
+                )
             except httpx.RequestError as exc:
                 raise error_for_exception(self.partner, exc) from exc
             status = response.status_code
