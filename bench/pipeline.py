@@ -327,6 +327,11 @@ async def one_run(
     url, redis, sandbox, cpu = ctx["url"], ctx["redis"], ctx["sandbox"], ctx["cpu"]
     async with httpx.AsyncClient(timeout=120) as client:
         (await client.post(sandbox.base + "/_sandbox/reset")).raise_for_status()
+    conn = await asyncpg.connect(url)
+    try:  # what autovacuum (off on this machine) would have done after the previous run
+        await conn.execute("VACUUM (ANALYZE) stock_levels, outbox, integration_jobs")
+    finally:
+        await conn.close()
     marks = await marks_now(url)
     rng = random.Random(f"{args.random_seed}-{name}")
     log(f"{name}: {rate:g} orders/s for {args.warmup:g} s warm-up + {seconds:g} s "
@@ -738,7 +743,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--client-connections", type=int, default=256, help="requests in flight")
     p.add_argument("--api-workers", type=int, default=1, help="uvicorn workers of the API")
     p.add_argument("--workers", type=int, default=1, help="`quartermaster worker` processes")
-    p.add_argument("--concurrency", type=int, default=32, help="jobs per worker process")
+    p.add_argument("--concurrency", type=int, default=64, help="jobs per worker process")
     p.add_argument(
         "--relay-process", action="store_true",
         help="relay in its own `worker --only-relay`; the workers get --no-relay",

@@ -203,7 +203,7 @@ class JobSettings:
     backoff_base_s: float = 0.5
     backoff_max_s: float = 300.0
     claim_idle_s: float = 30.0
-    concurrency: int = 16
+    concurrency: int = 64
     breaker_threshold: int = 5
     breaker_cooldown_s: float = 10.0
     shutdown_grace_s: float = 10.0
@@ -222,7 +222,7 @@ class JobSettings:
             backoff_base_s=_float("QM_JOB_BACKOFF_BASE_S", 0.5),
             backoff_max_s=_float("QM_JOB_BACKOFF_MAX_S", 300.0),
             claim_idle_s=_float("QM_JOB_CLAIM_IDLE_S", 30.0),
-            concurrency=_int("QM_WORKER_CONCURRENCY", 16),
+            concurrency=_int("QM_WORKER_CONCURRENCY", 64),
             breaker_threshold=_int("QM_BREAKER_THRESHOLD", 5),
             breaker_cooldown_s=_float("QM_BREAKER_COOLDOWN_S", 10.0),
             shutdown_grace_s=_float("QM_WORKER_SHUTDOWN_GRACE_S", 10.0),
