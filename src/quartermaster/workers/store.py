@@ -103,16 +103,17 @@ class JobStore:
         self, wanted: list[tuple[int | None, int | None]]
     ) -> list[list[Any]]:
         order_ids = [o for o, p in wanted if p is None and o is not None]
+        product_ids = [p for _, p in wanted if p is not None]
         async with self.db.reader("primary").connect() as conn:
-            of_order = await repo.orders_product_ids(conn, order_ids)
-            products: list[list[int]] = [
-                [p] if p is not None else of_order.get(o, []) if o is not None else []
-                for o, p in wanted
-            ]
-            every = sorted({p for ids in products for p in ids})
-            rows = await repo.availability(conn, every) if every else []
-        by_id = {int(r.id): r for r in rows}
-        return [[by_id[p] for p in ids if p in by_id] for ids in products]
+            of_order, by_id = await repo.products_to_sync(conn, order_ids, product_ids)
+        return [
+            ([by_id[p]] if p in by_id else [])
+            if p is not None
+            else of_order.get(o, [])
+            if o is not None
+            else []
+            for o, p in wanted
+        ]
 
     async def _write_succeeded(self, outcomes: list[tuple[int, str | None]]) -> Sequence[None]:
         async with self.db.reader("primary").connect() as conn:  # autocommit: 1 round trip

@@ -189,23 +189,6 @@ async def count_by_status(conn: AsyncConnection) -> dict[tuple[str, str], int]:
     return {(r[0], r[1]): int(r[2]) for r in rows}
 
 
-async def availability(conn: AsyncConnection, product_ids: Sequence[int]) -> list[Row[Any]]:
-    """SKU and units available to sell (on hand minus reserved, all warehouses) per product."""
-    return list(
-        (
-            await conn.execute(
-                text(
-                    "SELECT p.id, p.sku, "
-                    "coalesce(sum(s.on_hand - s.reserved), 0)::int AS available "
-                    "FROM products p LEFT JOIN stock_levels s ON s.product_id = p.id "
-                    "WHERE p.id = ANY(:ids) GROUP BY p.id, p.sku ORDER BY p.id"
-                ),
-                {"ids": list(product_ids)},
-            )
-        ).all()
-    )
-
-
 # --- the worker's batched reads and writes (``workers/store.py``) ----------------------------
 
 
@@ -219,57 +202,77 @@ async def jobs_by_id(conn: AsyncConnection, ids: Sequence[int]) -> dict[int, Row
     return {int(r.id): r for r in rows}
 
 
+# Generic plans (the worker's ``plan_cache_mode``, ``workers/runner.py``) hash a whole joined
+# table when they can; scalar subqueries per row keep every lookup an index probe.
+_INVOICE_DATA_SQL = text(
+    """
+SELECT o.id, o.number, o.customer_id, o.currency, o.total, o.status,
+       (SELECT c.email FROM customers c WHERE c.id = o.customer_id) AS email,
+       (SELECT c.name FROM customers c WHERE c.id = o.customer_id) AS customer_name,
+       ol.id AS line_id, (SELECT p.sku FROM products p WHERE p.id = ol.product_id) AS sku,
+       ol.quantity, ol.unit_price, ol.line_total
+FROM orders o LEFT JOIN order_lines ol ON ol.order_id = o.id
+WHERE o.id = ANY(:ids)
+ORDER BY o.id, ol.id
+"""
+)
+
+
 async def orders_for_invoice(
     conn: AsyncConnection, order_ids: Sequence[int]
 ) -> dict[int, tuple[Any, list[Any]]]:
     """The orders (with the customer's e-mail and name) and their lines with SKUs, for
-    invoices and notifications: two statements however many orders."""
+    invoices and notifications, in one statement however many orders: a row per line, each
+    carrying its order's columns too (so every row is also the order)."""
     ids = sorted(set(order_ids))
     if not ids:
         return {}
-    orders = await conn.execute(
-        text(
-            "SELECT o.id, o.number, o.customer_id, o.currency, o.total, o.status, "
-            "c.email, c.name AS customer_name "
-            "FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.id = ANY(:ids)"
-        ),
-        {"ids": ids},
-    )
-    found: dict[int, tuple[Any, list[Any]]] = {int(o.id): (o, []) for o in orders}
-    if found:
-        lines = await conn.execute(
-            # The SKU by a lookup per line, not a join: the worker runs generic plans
-            # (``workers/runner.py``), and a join's generic plan hashes all products.
-            text(
-                "SELECT l.order_id, (SELECT p.sku FROM products p WHERE p.id = l.product_id) "
-                "AS sku, l.quantity, l.unit_price, l.line_total FROM order_lines l "
-                "WHERE l.order_id = ANY(:ids) ORDER BY l.order_id, l.id"
-            ),
-            {"ids": list(found)},
-        )
-        for line in lines:
-            found[int(line.order_id)][1].append(line)
+    found: dict[int, tuple[Any, list[Any]]] = {}
+    for row in await conn.execute(_INVOICE_DATA_SQL, {"ids": ids}):
+        _, lines = found.setdefault(int(row.id), (row, []))
+        if row.line_id is not None:
+            lines.append(row)
     return found
 
 
-async def orders_product_ids(
-    conn: AsyncConnection, order_ids: Sequence[int]
-) -> dict[int, list[int]]:
-    """The distinct products of each order, in id order."""
-    ids = sorted(set(order_ids))
-    if not ids:
-        return {}
-    rows = await conn.execute(
-        text(
-            "SELECT DISTINCT order_id, product_id FROM order_lines "
-            "WHERE order_id = ANY(:ids) ORDER BY 1, 2"
-        ),
-        {"ids": ids},
-    )
-    found: dict[int, list[int]] = {}
-    for order_id, product_id in rows:
-        found.setdefault(int(order_id), []).append(int(product_id))
-    return found
+_SYNC_PRODUCTS_SQL = text(
+    """
+WITH wanted AS (
+    SELECT l.order_id, l.product_id FROM order_lines l WHERE l.order_id = ANY(:order_ids)
+    UNION
+    SELECT NULL::bigint, x FROM unnest(CAST(:product_ids AS bigint[])) AS x
+)
+SELECT w.order_id, w.product_id AS id,
+       (SELECT p.sku FROM products p WHERE p.id = w.product_id) AS sku,
+       (SELECT coalesce(sum(s.on_hand - s.reserved), 0)::int FROM stock_levels s
+        WHERE s.product_id = w.product_id) AS available
+FROM wanted w
+ORDER BY w.order_id NULLS FIRST, w.product_id
+"""
+)
+
+
+async def products_to_sync(
+    conn: AsyncConnection, order_ids: Sequence[int], product_ids: Sequence[int]
+) -> tuple[dict[int, list[Any]], dict[int, Any]]:
+    """(id, sku, available) of the distinct products of each order and of each listed product,
+    in id order, in one statement; available = on hand minus reserved, all warehouses. A
+    product that does not exist is left out."""
+    orders = sorted(set(order_ids))
+    products = sorted(set(product_ids))
+    of_order: dict[int, list[Any]] = {}
+    by_id: dict[int, Any] = {}
+    if not orders and not products:
+        return of_order, by_id
+    params = {"order_ids": orders, "product_ids": products}
+    for row in await conn.execute(_SYNC_PRODUCTS_SQL, params):
+        if row.sku is None:
+            continue
+        if row.order_id is None:
+            by_id[int(row.id)] = row
+        else:
+            of_order.setdefault(int(row.order_id), []).append(row)
+    return of_order, by_id
 
 
 _SUCCEEDED_SQL = text(
