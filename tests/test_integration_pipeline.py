@@ -317,6 +317,10 @@ async def test_placed_and_cancelled_order_reach_each_partner_once_and_show_in_me
         assert value("qm_partner_breaker_state", partner=partner) == BreakerState.CLOSED
     assert value("qm_outbox_unpublished") == 0
     assert value("qm_relay_published_total") == 6  # placed, cancelled, 2 + 2 stock changes
+    # every one of the 5 jobs read its row through the shared statements, some together
+    assert value("qm_worker_batch_items_total", batch="jobs") == 5
+    assert 1 <= value("qm_worker_batch_flushes_total", batch="jobs") <= 5
+    assert value("qm_worker_batch_items_total", batch="succeeded") == 5
 
 
 # ---------------------------------------------------------------- 2. Redis outage

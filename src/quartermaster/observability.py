@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
@@ -264,6 +265,31 @@ class PipelineMetrics:
         self._shown[id(gauge)] = set(values)
 
 
+class BatchMetrics(Collector):
+    """The worker's shared statements (``workers/store.py``): flushes and items per batcher,
+    read at scrape time; items / flushes is the mean batch size, the figure that says whether
+    jobs share their round trips (it grows with ``--concurrency`` and with the load)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], dict[str, Any]] | None = None
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        flushes = CounterMetricFamily(
+            "qm_worker_batch_flushes",
+            "Statements (or XACKs) run for batched job requests",
+            labels=["batch"],
+        )
+        items = CounterMetricFamily(
+            "qm_worker_batch_items", "Job requests those statements served", labels=["batch"]
+        )
+        batchers = self.source() if self.source is not None else {}
+        for name, batcher in sorted(batchers.items()):
+            flushes.add_metric([name], batcher.flushes)
+            items.add_metric([name], batcher.items)
+        yield flushes
+        yield items
+
+
 class WorkerMetrics:
     """A worker process's registry: pipeline gauges, job outcomes, partner calls, breakers."""
 
@@ -294,6 +320,9 @@ class WorkerMetrics:
             "Outbox rows published by this process's relay",
             registry=self.registry,
         )
+
+        self.batches = BatchMetrics()
+        self.registry.register(self.batches)
 
     def on_partner_call(self, partner: str, seconds: float, outcome: str) -> None:
         self.partner_latency.labels(partner, outcome).observe(seconds)

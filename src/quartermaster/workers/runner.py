@@ -63,6 +63,7 @@ async def run_worker(
             worker = Worker(
                 db, redis, clients, settings.jobs, concurrency=concurrency, metrics=metrics
             )
+            metrics.batches.source = lambda: worker.store.batchers if worker else {}
             loops.append(worker.run(stop))
         loops.append(_refresh_metrics(db, redis, metrics, worker, stop))
         log.info(
