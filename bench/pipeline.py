@@ -289,8 +289,9 @@ async def run_facts(url: str, marks: dict[str, int], order_ids: list[int]) -> tu
 
 
 async def marks_now(url: str) -> dict[str, int]:
-    """Highest outbox and job ids, and the database's committed + rolled back transactions so
-    far (`pg_stat_database`, flushed by the backends about once a second)."""
+    """Highest outbox and job ids, and the database's committed + rolled back transactions and
+    connections opened so far (`pg_stat_database`, flushed by the backends about once a
+    second)."""
     conn = await asyncpg.connect(url)
     try:
         return {
@@ -299,6 +300,9 @@ async def marks_now(url: str) -> dict[str, int]:
             "xacts": await conn.fetchval(
                 "SELECT xact_commit + xact_rollback FROM pg_stat_database "
                 "WHERE datname = current_database()"
+            ),
+            "sessions": await conn.fetchval(
+                "SELECT sessions FROM pg_stat_database WHERE datname = current_database()"
             ),
         }
     finally:
@@ -349,7 +353,10 @@ async def one_run(
     drained, drain_s = await wait_drained(url, marks, args.drain_timeout)
     cpu2 = cpu.snap()
     await asyncio.sleep(1.5)  # backends report their transaction counts about once a second
-    xacts = (await marks_now(url))["xacts"] - marks["xacts"]
+    after = await marks_now(url)
+    xacts = after["xacts"] - marks["xacts"]
+    # less this bench's own: the backlog sampler, the drain wait and this second mark
+    opened = after["sessions"] - marks["sessions"] - 3
     async with httpx.AsyncClient(timeout=120) as client:
         calls = (await client.get(sandbox.base + "/_sandbox/calls")).json()
     ok_ids = [r.order_id for r in recs if r.order_id is not None]
@@ -454,6 +461,7 @@ async def one_run(
         if pipeline_ms else None,
         "calls_per_order": round(len(calls) / max(len(ok_ids), 1), 2),
         "db_transactions_per_order": round(xacts / max(len(ok_ids), 1), 1),
+        "db_connections_opened": opened,
         "backlog_max": {k: max((b[k] for b in backlog), default=0)
                         for k in ("outbox_unpublished", "stream_lag", "stream_pending")},
         "backlog_samples": backlog,
@@ -547,12 +555,13 @@ def write_results(out_dir: Path, meta: Row, rows: list[Row], notes: list[str]) -
         lines.append(f"| {r['run']} | {cells} | {r['machine_busy_pct']:.0f} % |")
     lines += ["", "## CPU per order (ms; load and drain, until every job of the run was done)",
               "", "| run | " + " | ".join(procs) + " | pipeline total | calls/order "
-              "| DB transactions/order | orders/s the machine's cores could carry |",
-              "|---|" + "---:|" * (len(procs) + 4)]  # fmt: skip
+              "| DB transactions/order | DB connections opened | orders/s the machine's cores "
+              "could carry |", "|---|" + "---:|" * (len(procs) + 5)]  # fmt: skip
     for r in rows:
         cells = " | ".join(str(r["cpu_ms_per_order"].get(p, "")) for p in procs)
         lines.append(f"| {r['run']} | {cells} | {r['pipeline_cpu_ms_per_order']} "
                      f"| {r['calls_per_order']} | {r['db_transactions_per_order']} "
+                     f"| {r.get('db_connections_opened', '')} "
                      f"| {r['cpu_bound_orders_per_s']} |")  # fmt: skip
     lines += ["", "## Backlog (sampled once a second during the load; max)", "",
               "| run | outbox unpublished | stream lag (not yet read) | stream pending "

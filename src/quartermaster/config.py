@@ -62,8 +62,8 @@ def normalize_database_url(url: str) -> str:
 class DatabaseSettings:
     url: str | None
     replica_url: str | None
-    pool_size: int = 20
-    max_overflow: int = 10
+    pool_size: int = 30
+    max_overflow: int = 0
     pool_timeout: float = 10.0
     statement_timeout_ms: int = 15_000
     pre_ping: bool = False
@@ -83,8 +83,8 @@ class DatabaseSettings:
         return cls(
             url=normalize_database_url(url) if url else None,
             replica_url=normalize_database_url(replica) if replica else None,
-            pool_size=_int("QM_DB_POOL_SIZE", 20),
-            max_overflow=_int("QM_DB_MAX_OVERFLOW", 10),
+            pool_size=_int("QM_DB_POOL_SIZE", 30),
+            max_overflow=_int("QM_DB_MAX_OVERFLOW", 0),
             pool_timeout=_float("QM_DB_POOL_TIMEOUT", 10.0),
             statement_timeout_ms=_int("QM_DB_STATEMENT_TIMEOUT_MS", 15_000),
             pre_ping=_bool("QM_DB_PRE_PING", False),
