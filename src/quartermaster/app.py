@@ -21,6 +21,7 @@ from quartermaster.http import GraphQLView, RequestContextMiddleware, health, me
 from quartermaster.live.hub import StockHub
 from quartermaster.observability import Metrics, configure_logging
 from quartermaster.ratelimit import RateLimiter
+from quartermaster.workers.monitor import JobTally
 
 log = structlog.get_logger("quartermaster.app")
 
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
         app.state.db = db
         app.state.redis = redis
         app.state.metrics = app_metrics
+        app.state.job_tally = JobTally()  # jobs by status for /metrics, counted incrementally
         # Per-caller rate limits live in Redis, shared by every instance (ratelimit.py).
         app.state.rate_limiter = RateLimiter(redis, settings.access) if redis is not None else None
         # One reader of the stock-event stream per process, shared by every subscription.

@@ -413,7 +413,9 @@ async def metrics(request: Request) -> Response:
     if now - pipeline.taken_at >= PIPELINE_REFRESH_S:
         pipeline.taken_at = now
         try:
-            pipeline.update(await asyncio.wait_for(snapshot(state.db, state.redis), 2.0))
+            pipeline.update(
+                await asyncio.wait_for(snapshot(state.db, state.redis, state.job_tally), 2.0)
+            )
         except Exception as exc:  # a slow or broken dependency must not break /metrics
             log.warning("metrics.pipeline_error", error=repr(exc))
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

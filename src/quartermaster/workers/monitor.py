@@ -29,6 +29,61 @@ LAG_SCAN_LIMIT = 10_000
 REPORT_TTL_S = 30
 
 
+#: Ids older than this were committed (or rolled back) for good: transactions are short.
+SETTLE_S = 30.0
+#: Everything is counted afresh this often, in case job rows were deleted by hand.
+RECOUNT_S = 600.0
+
+
+class JobTally:
+    """Jobs by kind and status without scanning every job at each refresh.
+
+    SUCCEEDED is final and jobs are not deleted, so per kind SUCCEEDED = all jobs - the
+    PENDING, FAILED and DEAD ones. Those are counted exactly every time (the status index: as
+    many rows as are not done, the backlog the figure is for). All jobs of a kind only grow:
+    they are counted once up to a settled id (one seen ``SETTLE_S`` ago: ids are drawn before
+    commit, so a newer one may still be joined by a smaller one), then only the ids above it.
+    Everything is recounted every ``RECOUNT_S``. At 500,000–600,000 jobs the full count this
+    replaces took 100–155 ms of PostgreSQL time per refresh, every 5 s in each worker and API
+    process.
+    """
+
+    def __init__(self, *, settle_s: float = SETTLE_S, recount_s: float = RECOUNT_S) -> None:
+        self.settle_s = settle_s
+        self.recount_s = recount_s
+        self._settled_id = 0
+        self._settled: dict[str, int] = {}
+        self._seen: list[tuple[float, int]] = []  # (when, highest id) of recent refreshes
+        self._recounted_at: float | None = None
+
+    async def counts(self, conn: Any, now: float | None = None) -> dict[tuple[str, str], int]:
+        now = time.monotonic() if now is None else now
+        if self._recounted_at is None or now - self._recounted_at >= self.recount_s:
+            self._settled_id, self._settled, self._seen = 0, {}, []
+            self._recounted_at = now
+        settle_to = self._settled_id
+        while self._seen and self._seen[0][0] <= now - self.settle_s:
+            settle_to = max(settle_to, self._seen.pop(0)[1])
+        totals = dict(self._settled)
+        not_done: dict[tuple[str, str], int] = {}
+        highest = self._settled_id
+        for row in await repo.tally_rows(conn, self._settled_id, settle_to):
+            kind, status, settled, count, top = tuple(row)
+            if status is None:
+                self._settled[kind] = self._settled.get(kind, 0) + int(settled)
+                totals[kind] = totals.get(kind, 0) + int(count)
+                highest = max(highest, int(top))
+            else:
+                not_done[(kind, status)] = int(count)
+        self._settled_id = settle_to
+        self._seen.append((now, highest))
+        result = dict(not_done)
+        for kind, total in totals.items():
+            others = sum(n for (k, _), n in not_done.items() if k == kind)
+            result[(kind, "SUCCEEDED")] = max(0, total - others)
+        return result
+
+
 @dataclass
 class PipelineSnapshot:
     jobs: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -42,10 +97,15 @@ class PipelineSnapshot:
     workers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-async def snapshot(db: Database, redis: Redis | None) -> PipelineSnapshot:
+async def snapshot(db: Database, redis: Redis | None, tally: JobTally | None) -> PipelineSnapshot:
+    """The figures as they are now; ``tally`` (kept by the caller between refreshes) counts
+    the jobs, None counts them all afresh."""
     snap = PipelineSnapshot()
     async with db.reader("primary").connect() as conn:
-        snap.jobs = await repo.count_by_status(conn)
+        if tally is None:
+            snap.jobs = await repo.count_by_status(conn)
+        else:
+            snap.jobs = await tally.counts(conn)
         snap.outbox_unpublished = int(
             (
                 await conn.execute(text("SELECT count(*) FROM outbox WHERE published_at IS NULL"))

@@ -14,7 +14,7 @@ from quartermaster.db.engine import Database
 from quartermaster.integrations.clients import build_clients
 from quartermaster.observability import WorkerMetrics
 from quartermaster.workers.consumer import Worker
-from quartermaster.workers.monitor import publish_report, snapshot, withdraw_report
+from quartermaster.workers.monitor import JobTally, publish_report, snapshot, withdraw_report
 from quartermaster.workers.relay import Relay
 
 log = structlog.get_logger(__name__)
@@ -88,6 +88,7 @@ async def run_worker(
 async def _refresh_metrics(
     db: Database, redis: Redis, metrics: WorkerMetrics, worker: Worker | None, stop: asyncio.Event
 ) -> None:
+    tally = JobTally()
     while not stop.is_set():
         if worker is not None:
             states = {p: int(b.state) for p, b in worker.breakers.items()}
@@ -99,7 +100,7 @@ async def _refresh_metrics(
             except Exception as exc:  # the report is for metrics only
                 log.debug("worker.report_failed", error=repr(exc))
         try:
-            metrics.pipeline.update(await snapshot(db, redis))
+            metrics.pipeline.update(await snapshot(db, redis, tally))
         except Exception as exc:  # metrics must never take the worker down
             log.debug("worker.metrics_error", error=repr(exc))
         with contextlib.suppress(TimeoutError):

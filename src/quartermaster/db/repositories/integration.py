@@ -183,10 +183,30 @@ async def revive_job(conn: AsyncConnection, job_id: int) -> Row[Any] | None:
 
 
 async def count_by_status(conn: AsyncConnection) -> dict[tuple[str, str], int]:
+    """Every job counted (a scan of the whole table: tests and recounts, not every scrape)."""
     rows = await conn.execute(
         text("SELECT kind::text, status::text, count(*) FROM integration_jobs GROUP BY 1, 2")
     )
     return {(r[0], r[1]): int(r[2]) for r in rows}
+
+
+# In one statement (one snapshot): per kind, the jobs above ``w`` (and those up to ``w2`` of
+# them, with the highest id), and the jobs that are not SUCCEEDED, by status.
+_TALLY_SQL = text(
+    """
+SELECT kind::text, NULL AS status, count(*) FILTER (WHERE id <= :w2) AS settled, count(*),
+       max(id)
+FROM integration_jobs WHERE id > :w GROUP BY kind
+UNION ALL
+SELECT kind::text, status::text, NULL, count(*), NULL
+FROM integration_jobs WHERE status IN ('PENDING', 'FAILED', 'DEAD') GROUP BY kind, status
+"""
+)
+
+
+async def tally_rows(conn: AsyncConnection, above: int, settle_to: int) -> list[Row[Any]]:
+    """The rows of ``_TALLY_SQL`` (``workers/monitor.py`` ``JobTally``)."""
+    return list((await conn.execute(_TALLY_SQL, {"w": above, "w2": settle_to})).all())
 
 
 # --- the worker's batched reads and writes (``workers/store.py``) ----------------------------
