@@ -401,7 +401,7 @@ class LiveSettings:
 
 @dataclass(frozen=True)
 class GcSettings:
-    """Garbage-collector policy of API processes (``gc_policy.py``)."""
+    """Garbage-collector policy of API and worker processes (``gc_policy.py``)."""
 
     freeze_interval_s: float = 10.0
     sweep_interval_s: float = 600.0

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from quartermaster.config import Settings
 from quartermaster.db.engine import Database
+from quartermaster.gc_policy import GcPolicy
 from quartermaster.integrations.clients import build_clients
 from quartermaster.observability import WorkerMetrics
 from quartermaster.workers.consumer import Worker
@@ -54,6 +55,9 @@ async def run_worker(
         server, _ = start_http_server(
             metrics_port, addr=settings.jobs.metrics_host, registry=metrics.registry
         )
+    # Full collections walked every object the imports left (63-105 ms, every few seconds
+    # under load, measured here); frozen, they walk what jobs left behind (5-17 ms).
+    gc_policy = GcPolicy(settings.gc, metrics.registry)
     worker: Worker | None = None
     try:
         loops = []
@@ -72,8 +76,10 @@ async def run_worker(
         )  # fmt: skip
         if ready is not None:
             ready.set()
+        gc_policy.start()
         await asyncio.gather(*loops)
     finally:
+        await gc_policy.stop()
         if worker is not None:
             with contextlib.suppress(Exception):  # gone from the pipeline-wide figures at once
                 await withdraw_report(redis, worker.name)
