@@ -230,7 +230,7 @@ def replay(since: Any) -> None:
 @click.option("--port", default=8100, show_default=True, type=int)
 def sandbox(host: str, port: int) -> None:
     """Run the sandbox partner (invoicing, shop, notifications) for development and tests."""
-    from quartermaster.integrations.sandbox import sandbox_server, secrets_from_settings
+    from quartermaster.integrations.sandbox import secrets_from_settings, serve_sandbox
     from quartermaster.observability import configure_logging
 
     settings = _settings()
@@ -241,7 +241,8 @@ def sandbox(host: str, port: int) -> None:
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"sandbox partner on http://{host}:{port} (control API under /_sandbox)")
-    sandbox_server(host, port, secrets=secrets).run()
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner_:
+        runner_.run(serve_sandbox(host, port, secrets=secrets, gc=settings.gc))
 
 
 @main.command()

@@ -34,7 +34,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from quartermaster.config import PartnerSettings, PartnersSettings
+from quartermaster.config import GcSettings, PartnerSettings, PartnersSettings
+from quartermaster.gc_policy import GcPolicy
 from quartermaster.integrations.shop.client import MAX_ITEMS_PER_PUSH
 from quartermaster.integrations.signing import SIGNATURE_HEADER, verify
 
@@ -472,7 +473,17 @@ async def serve_sandbox(
     *,
     secrets: dict[str, str | None] | None = None,
     seed: int = 0,
+    gc: GcSettings | None = None,
 ) -> None:
-    """Run the sandbox until cancelled or interrupted (the ``quartermaster sandbox`` command)."""
+    """Run the sandbox until interrupted (the ``quartermaster sandbox`` command). It keeps up to
+    ``MAX_RECORDED_CALLS`` calls and every reply in memory; ``gc`` (the API's policy) keeps
+    full garbage collections from walking all of them, which would stall every call."""
     log.info("sandbox.starting", url=f"http://{host}:{port}")
-    await sandbox_server(host, port, secrets=secrets, seed=seed).serve()
+    policy = GcPolicy(gc) if gc is not None else None
+    if policy is not None:
+        policy.start()
+    try:
+        await sandbox_server(host, port, secrets=secrets, seed=seed).serve()
+    finally:
+        if policy is not None:
+            await policy.stop()
