@@ -544,3 +544,17 @@ def test_retry_after_parsing() -> None:
     assert parse_retry_after(formatdate(now - 30, usegmt=True), now=now) == 0.0
     for bad in (None, "", "-1", "soon", "nan"):
         assert parse_retry_after(bad) is None
+
+
+async def test_partner_paths_refuse_other_methods(control: httpx.AsyncClient) -> None:
+    for method, path, allowed in (
+        ("GET", "/v1/invoices", "POST"),
+        ("POST", "/v1/availability", "PUT"),
+        ("DELETE", "/v1/messages", "POST"),
+    ):
+        response = await control.request(method, path)
+        assert response.status_code == 405, (method, path)
+        assert response.headers["allow"] == allowed
+        assert response.json()["error"] == "method_not_allowed"
+    assert (await control.get("/v1/nothing")).status_code == 404
+    assert await calls(control) == []
