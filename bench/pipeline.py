@@ -514,7 +514,9 @@ def write_results(out_dir: Path, meta: Row, rows: list[Row], notes: list[str]) -
         "all with `QM_LOG_LEVEL=warning`",
         f"- Load: open loop, {meta['arrivals']} arrivals, 1–{meta['max_lines']} lines per order "
         f"(distinct random products, quantity 1..3), at most {meta['client_connections']} "
-        f"requests in flight; {meta['warmup']} s warm-up (not counted) before each window",
+        f"requests in flight; {meta['warmup']} s warm-up (not counted) before each window"
+        + (f", and {meta['prime']:g} s of load at the main rate before the first run (a cold "
+           "start: pools fill, caches warm; not reported)" if meta.get("prime") else ""),
         "- Extra settings: "
         + (", ".join(f"`{k}={v}`" for k, v in meta["env"].items()) or "none (defaults)"),
         f"- Command: `{meta['command']}`", "",
@@ -745,6 +747,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=TARGET_RATE, help="orders/s of the main run")
     p.add_argument("--duration", type=float, default=30.0, help="measured seconds, main run")
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds per run")
+    p.add_argument(
+        "--prime",
+        type=float,
+        default=10.0,
+        help="seconds of load at --rate before the first run, not reported (0: none)",
+    )
     p.add_argument("--sweep", default="10,25,50,100,200,400", help="orders/s, comma-separated")
     p.add_argument("--sweep-duration", type=float, default=15.0)
     p.add_argument("--arrivals", choices=("poisson", "uniform"), default="poisson")
@@ -847,6 +855,11 @@ async def bench(args: argparse.Namespace, url: str, procs: dict[str, Proc]) -> i
 
     ctx = {"url": url, "redis": redis, "sandbox": procs["sandbox"], "api": procs["api"],
            "work": work, "cpu": Cpu(procs, postmaster, redis_pid)}  # fmt: skip
+    if args.prime > 0:
+        # Fresh processes open their pooled connections (each with the driver's type
+        # introspection), fill statement caches and freeze their start-up objects under the
+        # first load: a cold start, not the steady state the runs measure.
+        await one_run("prime (not reported)", args.rate, args.prime, ctx, args)
     rows = [await one_run(f"main {args.rate:g}/s", args.rate, args.duration, ctx, args)]
     for rate in [float(x) for x in args.sweep.split(",") if x.strip()]:
         rows.append(await one_run(f"sweep {rate:g}/s", rate, args.sweep_duration, ctx, args))
@@ -861,7 +874,7 @@ async def bench(args: argparse.Namespace, url: str, procs: dict[str, Proc]) -> i
         "workers": args.workers, "concurrency": args.concurrency, "arrivals": args.arrivals,
         "relay_process": args.relay_process, "log_problems": log_problems,
         "max_lines": args.max_lines, "client_connections": args.client_connections,
-        "warmup": args.warmup, "env": extra,
+        "warmup": args.warmup, "prime": args.prime, "env": extra,
         "load_average_before": [round(x, 2) for x in load_before],
         "command": shlex.join([*(f"{k}={v}" for k, v in extra.items()), "uv", "run", "python",
                                "bench/pipeline.py", *sys.argv[1:]]),
