@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import text
 
 from quartermaster.config import DatabaseSettings
-from quartermaster.db.engine import Database
+from quartermaster.db.engine import WRITER_SERVER_SETTINGS, Database
 from quartermaster.workers.runner import WORKER_SERVER_SETTINGS
 
 
@@ -27,6 +27,30 @@ async def test_connections_get_the_configured_plan_cache_mode(database_url: str)
     assert await _mode(base, server_settings=WORKER_SERVER_SETTINGS) == "force_generic_plan"
     custom = dataclasses.replace(base, plan_cache_mode="force_custom_plan")
     assert await _mode(custom) == "force_custom_plan"
+
+
+async def _modes(settings: DatabaseSettings) -> tuple[str, str]:
+    """(reads, units of work) of a Database built as the API builds it."""
+    db = Database.connect(settings, writer_settings=WRITER_SERVER_SETTINGS)
+    show = text("SHOW plan_cache_mode")
+    try:
+        async with db.reader("primary").connect() as conn:
+            reads = str((await conn.execute(show)).scalar_one())
+        async with db.units_of_work.connect() as conn, conn.begin():
+            writes = str((await conn.execute(show)).scalar_one())
+        return reads, writes
+    finally:
+        await db.dispose()
+
+
+async def test_api_units_of_work_use_generic_plans_and_reads_the_servers_choice(
+    database_url: str,
+) -> None:
+    base = DatabaseSettings(url=database_url, replica_url=None, pool_size=1)
+    assert await _modes(base) == ("auto", "force_generic_plan")
+    # QM_DB_PLAN_CACHE_MODE is the operator's choice for every connection, writes included
+    custom = dataclasses.replace(base, plan_cache_mode="force_custom_plan")
+    assert await _modes(custom) == ("force_custom_plan", "force_custom_plan")
 
 
 def test_the_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:

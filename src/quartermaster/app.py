@@ -15,7 +15,7 @@ from strawberry.subscriptions import GRAPHQL_SSE_PROTOCOL, GRAPHQL_TRANSPORT_WS_
 
 from quartermaster.api import build_schema
 from quartermaster.config import Settings
-from quartermaster.db.engine import Database
+from quartermaster.db.engine import WRITER_SERVER_SETTINGS, Database
 from quartermaster.gc_policy import GcPolicy
 from quartermaster.http import GraphQLView, RequestContextMiddleware, health, metrics, ready
 from quartermaster.live.hub import StockHub
@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None, *, configure_logs: bool = True)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        db = Database.connect(settings.database)
+        db = Database.connect(settings.database, writer_settings=WRITER_SERVER_SETTINGS)
         app_metrics.bind_database(db)
         # Replica lag and reachability, probed in the background (decides where reads go).
         await db.monitor.start()

@@ -50,6 +50,8 @@ class _PoolCollector(Collector):
             "qm_db_pool_size", "Connections held by the pool, per database", labels=["database"]
         )
         engines = {"primary": self.db.primary}
+        if self.db.units_of_work is not self.db.primary:
+            engines["primary_writes"] = self.db.units_of_work  # the mutations' own pool
         if self.db.has_replica:
             engines["replica"] = self.db.replica
         for role, engine in engines.items():

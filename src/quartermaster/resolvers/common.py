@@ -74,7 +74,7 @@ async def run_unit_of_work(context: Context, work: Callable[[AsyncConnection], A
     context.use_primary()
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
-            async with context.db.primary.connect() as conn:
+            async with context.db.units_of_work.connect() as conn:
                 async with conn.begin():
                     result = await work(conn)
                 await _note_commit(context, conn)
