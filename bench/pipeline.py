@@ -637,6 +637,25 @@ def auto_notes(rows: list[Row], meta: Row) -> list[str]:
         f"{main.get('answered_rate', main['achieved_rate']) * main['calls_per_order']:.0f}/s "
         f"needed; the backlog took {main['drain_s']} s to drain after the load.",
     ]
+    at_target = [r for r in rows if r["rate"] >= TARGET_RATE]
+    if len(at_target) > 1:
+
+        def verdict(r: Row) -> str:
+            ok = kept_up(r) and not r["order_failures"]
+            p = r["delay_ms"]["overall"]["p99"]
+            return f"`{r['run']}` p99 {p} ms ({'met' if ok and p < TARGET_P99_MS else 'missed'})"
+
+        hits = sum(
+            1
+            for r in at_target
+            if kept_up(r)
+            and not r["order_failures"]
+            and r["delay_ms"]["overall"]["p99"] < TARGET_P99_MS
+        )
+        out.append(
+            f"- Every run at {TARGET_RATE:g} orders/s or more: met in {hits} of "
+            f"{len(at_target)}: " + ", ".join(verdict(r) for r in at_target) + "."
+        )
     behind = sorted((r for r in rows if not kept_up(r)), key=lambda r: r["rate"])
     slow = ", ".join(sorted({f"{r['rate']:g}" for r in behind}, key=float))
     if best is not None:
