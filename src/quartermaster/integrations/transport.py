@@ -1,11 +1,12 @@
 """An httpx transport that sends requests with aiohttp: httpx's API, a cheaper engine.
 
-Why: a worker makes a few partner calls per order, and on these machines httpx's default
-transport (httpcore, h11 and anyio) cost 1.5–1.8 ms of CPU per call on loopback, where aiohttp's
-C-accelerated HTTP/1.1 client costs about 0.15 ms; through this transport a call costs about
-0.45 ms with httpx's client layer included (``bench/README.md`` has the comparison). The
-partner clients keep using ``httpx.AsyncClient`` — requests, responses, timeouts and errors stay
-httpx's — only the bytes go through an ``aiohttp.ClientSession``.
+Why: a worker makes a few partner calls per order, and on these machines a call through
+``httpx.AsyncClient`` and httpx's default transport (httpcore, h11 and anyio) cost 1.5–1.8 ms of
+client CPU on loopback (16 calls in flight, against the sandbox), where aiohttp's C-accelerated
+HTTP/1.1 client alone costs about 0.15 ms. Through this transport a call costs 0.27–0.34 ms
+with the client, about 0.21 ms through the transport API as ``PartnerClient`` sends it.
+Requests, responses, timeouts and errors stay httpx's; only the bytes go through an
+``aiohttp.ClientSession``.
 
 The package ``httpx-aiohttp`` does the same, but maps some failures to the wrong httpx class
 (a refused connection becomes ``ConnectTimeout``) and lets others escape as aiohttp exceptions;
