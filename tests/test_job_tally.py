@@ -145,3 +145,21 @@ async def test_a_settled_tally_reads_only_new_ids_and_open_jobs(
     async with db.reader("primary").connect() as conn:
         rows = await repo.tally_rows(conn, above=50, settle_to=50)
     assert rows == [], "nothing above the settled id and nothing open: nothing to count"
+
+
+async def test_jobs_created_before_the_settle_window_settle_at_the_first_count(
+    pg: asyncpg.Connection, db: Database
+) -> None:
+    tally = JobTally(settle_s=30, recount_s=3600)
+    await add_jobs(pg, "INVOICE", 4)
+    await pg.execute(
+        "UPDATE integration_jobs SET status = 'SUCCEEDED', created_at = now() - interval '1 hour'"
+    )
+    await add_jobs(pg, "INVOICE", 1)  # fresh: not settled yet
+    await check(db, tally, now=0)
+    # a settled row deleted by hand goes unnoticed until the recount; the fresh one is recounted
+    await pg.execute("DELETE FROM integration_jobs WHERE id IN (1, 5)")
+    async with db.reader("primary").connect() as conn:
+        counted = await tally.counts(conn, now=1)
+    assert counted[("INVOICE", "SUCCEEDED")] == 4, "the old jobs were settled at the start"
+    assert ("INVOICE", "PENDING") not in counted, "the fresh one's deletion was seen"

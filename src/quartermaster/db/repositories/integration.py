@@ -204,6 +204,21 @@ FROM integration_jobs WHERE status IN ('PENDING', 'FAILED', 'DEAD') GROUP BY kin
 )
 
 
+async def highest_job_id_before(conn: AsyncConnection, seconds_ago: float) -> int:
+    """The highest id of the jobs created at least ``seconds_ago`` (0 when none): a scan of
+    the table, for ``JobTally``'s start (and recounts) only."""
+    value = (
+        await conn.execute(
+            text(
+                "SELECT max(id) FROM integration_jobs "
+                "WHERE created_at <= now() - make_interval(secs => :s)"
+            ),
+            {"s": seconds_ago},
+        )
+    ).scalar_one()
+    return int(value or 0)
+
+
 async def tally_rows(conn: AsyncConnection, above: int, settle_to: int) -> list[Row[Any]]:
     """The rows of ``_TALLY_SQL`` (``workers/monitor.py`` ``JobTally``)."""
     return list((await conn.execute(_TALLY_SQL, {"w": above, "w2": settle_to})).all())
