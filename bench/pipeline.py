@@ -770,7 +770,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--prime",
         type=float,
-        default=10.0,
+        default=20.0,
         help="seconds of load at --rate before the first run, not reported (0: none)",
     )
     p.add_argument("--sweep", default="10,25,50,100,200,400", help="orders/s, comma-separated")
