@@ -691,7 +691,8 @@ def auto_notes(rows: list[Row], meta: Row) -> list[str]:
     calls = median([r["calls_per_order"] for r in rows])
     worker = sum(v for k, v in cpu.items() if k.startswith(("worker", "relay")))
     out.append(
-        f"- CPU is the limit. Per order (median over the runs, load + drain) the pipeline "
+        ("- CPU is the limit. " if behind else "- CPU. ")
+        + "Per order (median over the runs, load + drain) the pipeline "
         f"costs {total:.0f} ms of CPU: workers {worker:.1f} ms ({worker / calls:.1f} ms per job, "
         f"{calls:.2f} jobs per order), API {cpu.get('api', 0):.1f} ms, PostgreSQL "
         f"{cpu.get('postgresql', 0):.1f} ms (the whole server, other databases included), "
