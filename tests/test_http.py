@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncIterator
@@ -11,12 +12,26 @@ import httpx
 import pytest
 import pytest_asyncio
 import websockets
+from starlette.applications import Starlette
 
 from quartermaster.app import create_app
 from quartermaster.config import DatabaseSettings, RedisSettings, Settings
 from quartermaster.db.loaders import Loaders
 from tests.conftest import ADMIN, make_settings
 from tests.servers import free_port, running_server
+
+
+@contextlib.asynccontextmanager
+async def served(settings: Settings) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
+    """An app for ``settings``, started, and an admin client talking to it in-process."""
+    app = create_app(settings, configure_logs=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=ADMIN
+        ) as http:
+            yield app, http
+
 
 PING = "{ warehouses(first: 1) { totalCount } }"
 
@@ -100,13 +115,8 @@ async def test_health_and_ready(client: httpx.AsyncClient) -> None:
 
 async def test_ready_names_the_failing_part(database_url: str) -> None:
     settings = make_settings(database_url, "redis://127.0.0.1:1/0")
-    app = create_app(settings, configure_logs=False)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://test", headers=ADMIN
-        ) as http:
-            response = await http.get("/health/ready")
+    async with served(settings) as (_, http):
+        response = await http.get("/health/ready")
     assert response.status_code == 503
     assert response.json()["failing"] == ["redis"]
     assert response.json()["checks"]["primary"] == "ok"
@@ -116,14 +126,9 @@ async def test_ready_names_an_unreachable_primary(redis_url: str) -> None:
     # Nothing listens on a port that was just free, so connecting is refused at once. Start-up
     # does not connect to the primary: the app starts, and readiness is what notices.
     closed = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/quartermaster"
-    app = create_app(make_settings(closed, redis_url), configure_logs=False)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://test", headers=ADMIN
-        ) as http:
-            live = await http.get("/health")
-            response = await http.get("/health/ready")
+    async with served(make_settings(closed, redis_url)) as (_, http):
+        live = await http.get("/health")
+        response = await http.get("/health/ready")
     assert live.json() == {"status": "ok"}
     assert response.status_code == 503
     body = response.json()
@@ -137,17 +142,12 @@ PRODUCTS = "{ products(first: 1) { edges { node { sku } } } }"
 
 async def test_unreachable_database_is_service_unavailable_not_a_crash(redis_url: str) -> None:
     closed = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/quartermaster"
-    app = create_app(make_settings(closed, redis_url), configure_logs=False)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://test", headers=ADMIN
-        ) as http:
-            response = await http.post(
-                "/graphql",
-                json={"query": PRODUCTS},
-                headers={"X-Request-ID": "db-down"},
-            )
+    async with served(make_settings(closed, redis_url)) as (_, http):
+        response = await http.post(
+            "/graphql",
+            json={"query": PRODUCTS},
+            headers={"X-Request-ID": "db-down"},
+        )
     assert response.status_code == 200
     [error] = response.json()["errors"]
     assert error["extensions"] == {"code": "SERVICE_UNAVAILABLE", "requestId": "db-down"}
@@ -158,17 +158,12 @@ async def test_unreachable_database_is_service_unavailable_not_a_crash(redis_url
 async def test_exhausted_pool_is_service_unavailable(database_url: str, redis_url: str) -> None:
     settings = make_settings(database_url, redis_url)
     database = dataclasses.replace(settings.database, pool_size=1, max_overflow=0, pool_timeout=0.2)
-    app = create_app(dataclasses.replace(settings, database=database), configure_logs=False)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://test", headers=ADMIN
-        ) as http:
-            # Hold the only connection while a query needs one.
-            async with app.state.db.primary.connect() as held:
-                await held.exec_driver_sql("SELECT 1")
-                busy = await http.post("/graphql", json={"query": PRODUCTS})
-            free = await http.post("/graphql", json={"query": PRODUCTS})
+    async with served(dataclasses.replace(settings, database=database)) as (app, http):
+        # Hold the only connection while a query needs one.
+        async with app.state.db.primary.connect() as held:
+            await held.exec_driver_sql("SELECT 1")
+            busy = await http.post("/graphql", json={"query": PRODUCTS})
+        free = await http.post("/graphql", json={"query": PRODUCTS})
     [error] = busy.json()["errors"]
     assert error["extensions"]["code"] == "SERVICE_UNAVAILABLE", error
     assert "errors" not in free.json(), "the same request works once a connection is free"
@@ -230,15 +225,10 @@ async def test_introspection_is_on_by_default_outside_production(
         database=DatabaseSettings(url=database_url, replica_url=None),
         redis=RedisSettings(url=redis_url),
     )
-    app = create_app(settings, configure_logs=False)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://test", headers=ADMIN
-        ) as http:
-            response = await http.post(
-                "/graphql", json={"query": "{ __schema { queryType { name } types { name } } }"}
-            )
+    async with served(settings) as (_, http):
+        response = await http.post(
+            "/graphql", json={"query": "{ __schema { queryType { name } types { name } } }"}
+        )
     assert response.status_code == 200
     body = response.json()
     assert "errors" not in body, body["errors"]
@@ -253,18 +243,13 @@ async def test_introspection_suggestions_and_graphiql_can_be_switched_off(
     settings = make_settings(
         database_url, redis_url, introspection=False, field_suggestions=False, graphiql=False
     )
-    app = create_app(settings, configure_logs=False)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://test", headers=ADMIN
-        ) as http:
-            introspection = await http.post(
-                "/graphql", json={"query": "{ __schema { types { name } } }"}
-            )
-            typo = await http.post("/graphql", json={"query": "{ productz { totalCount } }"})
-            ide = await http.get("/graphql", headers={"accept": "text/html"})
-            normal = await http.post("/graphql", json={"query": PING})
+    async with served(settings) as (_, http):
+        introspection = await http.post(
+            "/graphql", json={"query": "{ __schema { types { name } } }"}
+        )
+        typo = await http.post("/graphql", json={"query": "{ productz { totalCount } }"})
+        ide = await http.get("/graphql", headers={"accept": "text/html"})
+        normal = await http.post("/graphql", json={"query": PING})
     error = introspection.json()["errors"][0]
     assert error["extensions"]["code"] == "GRAPHQL_VALIDATION_FAILED"
     assert "introspection" in error["message"].lower()

@@ -74,9 +74,15 @@ async def set_status(pg: asyncpg.Connection, status: str, where: str, *args: Any
     await pg.execute(f"UPDATE integration_jobs SET status = '{status}' WHERE {where}", *args)
 
 
-async def check(db: Database, tally: JobTally, now: float) -> dict[tuple[str, str], int]:
+async def counts(db: Database, tally: JobTally, now: float) -> dict[tuple[str, str], int]:
     async with db.reader("primary").connect() as conn:
-        counted = await tally.counts(conn, now=now)
+        return await tally.counts(conn, now=now)
+
+
+async def check(db: Database, tally: JobTally, now: float) -> dict[tuple[str, str], int]:
+    """The tally at ``now``, after checking it against a full count."""
+    counted = await counts(db, tally, now)
+    async with db.reader("primary").connect() as conn:
         exact = await repo.count_by_status(conn)
     # the tally also names a kind's SUCCEEDED when it has none (0), as the gauges do
     assert {k: v for k, v in counted.items() if v} == exact
@@ -128,8 +134,7 @@ async def test_rows_deleted_by_hand_are_right_again_after_the_recount(
     await check(db, tally, now=0)
     await check(db, tally, now=1)  # everything settled
     await pg.execute("DELETE FROM integration_jobs WHERE id <= 2")
-    async with db.reader("primary").connect() as conn:
-        stale = await tally.counts(conn, now=2)
+    stale = await counts(db, tally, now=2)
     assert stale[("INVOICE", "SUCCEEDED")] == 6, "deletions are not noticed between recounts"
     assert await check(db, tally, now=150) == {("INVOICE", "SUCCEEDED"): 4}
 
@@ -159,7 +164,6 @@ async def test_jobs_created_before_the_settle_window_settle_at_the_first_count(
     await check(db, tally, now=0)
     # a settled row deleted by hand goes unnoticed until the recount; the fresh one is recounted
     await pg.execute("DELETE FROM integration_jobs WHERE id IN (1, 5)")
-    async with db.reader("primary").connect() as conn:
-        counted = await tally.counts(conn, now=1)
+    counted = await counts(db, tally, now=1)
     assert counted[("INVOICE", "SUCCEEDED")] == 4, "the old jobs were settled at the start"
     assert ("INVOICE", "PENDING") not in counted, "the fresh one's deletion was seen"

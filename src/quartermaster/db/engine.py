@@ -81,7 +81,7 @@ class Database:
     replica: AsyncEngine
     has_replica: bool
     #: Units of work: the primary, through connections of their own when their settings differ
-    #: (``WRITER_SERVER_SETTINGS``); ``primary`` itself otherwise.
+    #: (``WRITER_SERVER_SETTINGS``); None means ``primary`` itself (``units_of_work``).
     writer: AsyncEngine | None = None
     hooks: list[StatementHook] = field(default_factory=list)
     #: Replica lag and reachability as last probed; decides where reads go.
@@ -90,8 +90,6 @@ class Database:
     monitor: ReplicaMonitor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.writer is None:
-            self.writer = self.primary
         self.health.configured = self.has_replica
         self._autocommit = {
             "primary": self.primary.execution_options(isolation_level="AUTOCOMMIT"),
@@ -171,7 +169,7 @@ class Database:
         if hasattr(self, "monitor"):
             await self.monitor.aclose()
         await self.primary.dispose()
-        if self.writer is not None and self.writer is not self.primary:
-            await self.writer.dispose()
+        if self.units_of_work is not self.primary:
+            await self.units_of_work.dispose()
         if self.replica is not self.primary:
             await self.replica.dispose()

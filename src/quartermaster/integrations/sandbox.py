@@ -370,28 +370,16 @@ def _partner_endpoints(control: Starlette, state: SandboxState) -> ASGIApp:
         method, path = scope["method"], scope["path"]
         with state.lock:
             status, body, headers = _decide(state, partner, signature, key, raw, parsed, process)
-            replayed = "Idempotent-Replayed" in headers
-            state.calls.append(
-                {
-                    "partner": partner,
-                    "method": method,
-                    "path": path,
-                    "idempotency_key": key,
-                    "status": status,
-                    "at": arrived,
-                    "body": parsed,
-                    "replayed": replayed,
-                }
-            )
-        log.info(
-            "sandbox.call",
-            partner=partner,
-            method=method,
-            path=path,
-            status=status,
-            idempotency_key=key,
-            replayed=replayed,
-        )
+            call = {
+                "partner": partner,
+                "method": method,
+                "path": path,
+                "idempotency_key": key,
+                "status": status,
+                "replayed": "Idempotent-Replayed" in headers,
+            }
+            state.calls.append({**call, "at": arrived, "body": parsed})
+        log.info("sandbox.call", **call)
         await _respond(send, status, body, headers)
 
     return app
